@@ -1,0 +1,102 @@
+"""Course-wide settings: seed, device, SMOKE mode, cache folder."""
+
+import os
+import platform
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _flag(name, environ=None):
+    env = os.environ if environ is None else environ
+    return env.get(name, "").strip().lower() in _TRUE
+
+
+def smoke_mode(environ=None):
+    """Return True when TLH_SMOKE asks for the small, fast configuration."""
+    return _flag("TLH_SMOKE", environ)
+
+
+def strict_mode(environ=None):
+    """Return True when TLH_STRICT asks exercise checks to raise."""
+    return _flag("TLH_STRICT", environ)
+
+
+def offline_mode(environ=None):
+    """Return True when TLH_OFFLINE forbids every download."""
+    return _flag("TLH_OFFLINE", environ)
+
+
+def by_mode(full, smoke, environ=None):
+    """Pick the value for the current mode: `smoke` under TLH_SMOKE."""
+    return smoke if smoke_mode(environ) else full
+
+
+def cache_dir(*parts, environ=None):
+    """Return (and create) the course cache folder, or a folder inside it.
+
+    TLH_CACHE_DIR overrides the default ``~/.cache/tlhelpers``.
+    """
+    env = os.environ if environ is None else environ
+    root = env.get("TLH_CACHE_DIR") or Path.home() / ".cache" / "tlhelpers"
+    path = Path(root).expanduser().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def get_device(prefer=None):
+    """Pick the fastest available device: CUDA, then Apple MPS, then CPU."""
+    if prefer is not None:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and PyTorch so a run can be repeated."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def describe(device=None):
+    """Return the one-line summary that setup() prints."""
+    import tlhelpers
+
+    device = device or get_device()
+    mode = "SMOKE" if smoke_mode() else "full"
+    return (f"tlhelpers {tlhelpers.__version__} | torch {torch.__version__} "
+            f"| python {platform.python_version()} | device {device} "
+            f"| threads {torch.get_num_threads()} | mode {mode}")
+
+
+def setup(seed=0, plots=True):
+    """Seed everything, pick the device, set plot defaults, print one line.
+
+    Returns the torch.device the notebook should use.
+    """
+    seed_everything(seed)
+    device = get_device()
+    if plots:
+        import matplotlib as mpl
+
+        mpl.rcParams.update({
+            "figure.figsize": (6.4, 4.0),
+            "figure.dpi": 100,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        })
+    print(describe(device))
+    return device

