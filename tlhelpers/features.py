@@ -1,0 +1,340 @@
+"""Feature extraction through a frozen backbone, its disk cache, probes.
+
+A frozen backbone gives the same features for the same image every epoch,
+so ``extract_features`` runs it once and keeps the result on disk. The
+cache key covers everything the features depend on: the network (name,
+weights and a hash of every weight), the preprocessing (the transform's
+repr) and the data (a fingerprint of the dataset). Change any of them and
+the features are computed again.
+"""
+
+import copy
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tlhelpers import config, models, training
+
+CACHE_FORMAT = "tlhelpers-features-1"
+# Items hashed from procedurally drawn datasets: enough to notice a change
+# in the drawing code, cheap next to the backbone's forward pass.
+SAMPLED_ITEMS = 8
+
+
+@dataclass
+class Features:
+    """Feature vectors [N, D] (float32) and their labels [N] (int64)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    classes: list = None
+    from_cache: bool = False
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __repr__(self):
+        n, d = self.features.shape
+        return (f"Features({n} x {d}, {len(set(self.labels.tolist()))} "
+                f"classes, from_cache={self.from_cache})")
+
+
+# ------------------------------------------------------------ hashing
+
+
+def _update(digest, value):
+    """Feed a value (tensor, array, image, container, scalar) to a hash."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"{value.dtype}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif hasattr(value, "tobytes") and hasattr(value, "mode"):  # PIL image
+        digest.update(f"{value.mode}{value.size}".encode())
+        digest.update(value.tobytes())
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _update(digest, item)
+    else:
+        digest.update(repr(value).encode())
+
+
+def state_hash(module):
+    """Return a hex digest of a module's structure and every weight."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(module).encode())
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        _update(digest, value)
+    return digest.hexdigest()
+
+
+def _fingerprint(dataset, digest, progress):
+    """Hash what a dataset's items depend on, as cheaply as is safe."""
+    from torch.utils.data import Subset, TensorDataset
+
+    from tlhelpers import data
+
+    digest.update(f"{type(dataset).__qualname__}{len(dataset)}".encode())
+    # A transform without parameters in its repr (a lambda) shows its
+    # address, so it never matches a cache file: safe, only slower.
+    digest.update(repr(getattr(dataset, "transform", None)).encode())
+    if callable(getattr(dataset, "fingerprint", None)):
+        digest.update(str(dataset.fingerprint()).encode())
+    elif isinstance(dataset, TensorDataset):
+        _update(digest, list(dataset.tensors))
+    elif isinstance(dataset, (data.LabelledSubset, Subset)):
+        _update(digest, list(dataset.indices))
+        _fingerprint(dataset.dataset, digest, progress)
+    elif isinstance(dataset, data.SyntheticImages):
+        # Drawn from these parameters; a few drawn images catch a change
+        # in the drawing code itself.
+        _update(digest, [dataset.kind, dataset.domain, dataset.classes,
+                         dataset.n_per_class, dataset.image_size,
+                         dataset.seed, sorted(dataset.controls.items())])
+        step = max(1, len(dataset) // SAMPLED_ITEMS)
+        for i in range(0, len(dataset), step)[:SAMPLED_ITEMS]:
+            _update(digest, dataset.render(i))
+    elif isinstance(dataset, data.LabelledImages):
+        _update(digest, [dataset.targets, dataset.images])
+    elif hasattr(dataset, "samples"):  # ImageFolder: files and their stats
+        import os
+
+        for path, target in dataset.samples:
+            stat = os.stat(path)
+            _update(digest, (path, target, stat.st_size, stat.st_mtime_ns))
+    elif isinstance(getattr(dataset, "dataset", None),
+                    torch.utils.data.Dataset):
+        _fingerprint(dataset.dataset, digest, progress)
+    else:
+        # Unknown dataset: hash every item, the only safe choice.
+        for i in tqdm(range(len(dataset)), desc="fingerprinting data",
+                      leave=False, disable=not progress):
+            _update(digest, dataset[i])
+
+
+def data_fingerprint(dataset, progress=False):
+    """Return a hex digest that changes when the data or transform change.
+
+    Known datasets are hashed from what defines them (synthetic images
+    from their parameters and a few drawn items; subsets from their
+    indices; image folders from file names, sizes and times; tensors and
+    in-memory images from their bytes); any other dataset item by item.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    _fingerprint(dataset, digest, progress)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------- extraction
+
+
+def _backbone(model):
+    """Return (feature network, short name, identity parts for the key)."""
+    if isinstance(model, models.Pretrained):
+        net = models.feature_extractor(model)
+        return net, model.name, [model.name, str(model.weights)]
+    if isinstance(model, nn.Module):
+        return model, type(model).__name__, [type(model).__qualname__]
+    raise TypeError("extract_features needs the Pretrained from "
+                    "load_pretrained or an nn.Module that maps a batch to "
+                    f"features, got {type(model).__name__}")
+
+
+def _forward_all(net, dataset, batch_size, device, progress):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    feats, labels = [], []
+    with torch.inference_mode():
+        bar = tqdm(loader, desc="extracting features", unit="batch",
+                   disable=not progress)
+        for batch in bar:
+            x, y = batch
+            out = net(x.to(device, non_blocking=True))
+            if out.ndim != 2:
+                raise ValueError(
+                    f"the model returned outputs of shape {tuple(out.shape)}"
+                    "; extract_features needs one feature vector per image "
+                    "[N, D]. Pass the Pretrained itself, or "
+                    "feature_extractor(model).")
+            feats.append(out.float().cpu())
+            labels.append(torch.as_tensor(y))
+    if not feats:
+        raise ValueError("the dataset is empty: no features to extract")
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+def _check_items(dataset):
+    image = dataset[0][0]
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(
+            f"the dataset yields {type(image).__name__} items, but the "
+            "backbone needs tensors: give the dataset the model's "
+            "preprocessing, e.g. with_transform(dataset, "
+            "pretrained.transform)")
+
+
+def extract_features(model, dataset, batch_size=64, cache=True,
+                     cache_dir=None, device=None, progress=True):
+    """Run the frozen backbone over a dataset once; cache the features.
+
+    Args:
+        model: the Pretrained from load_pretrained (its head is removed,
+            see models.feature_extractor), or an nn.Module that maps a
+            batch to [N, D] features (used as it is, in eval mode).
+        dataset: yields (preprocessed image tensor, label).
+        cache: reuse features saved by an earlier call with the same
+            network, weights, transform and data; save new ones.
+        cache_dir: where to keep them (default: the course cache folder,
+            "features" inside it).
+
+    Returns:
+        Features(features [N, D] float32, labels [N] int64) on the CPU.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: no features to extract")
+    _check_items(dataset)
+    net, name, identity = _backbone(model)
+    device = config.get_device(device)
+    classes = getattr(dataset, "classes", None)
+    path = None
+    if cache:
+        digest = hashlib.blake2b(digest_size=16)
+        _update(digest, identity + [state_hash(net),
+                                    data_fingerprint(dataset, progress)])
+        key = digest.hexdigest()
+        folder = (config.cache_dir("features") if cache_dir is None
+                  else Path(cache_dir))
+        path = folder / f"{name}-{key[:24]}.pt"
+        if path.exists():
+            try:
+                saved = torch.load(path, map_location="cpu",
+                                   weights_only=True)
+                if saved.get("format") == CACHE_FORMAT and saved["key"] == key:
+                    return Features(saved["features"], saved["labels"],
+                                    classes, from_cache=True)
+            except Exception as err:  # a damaged file is only a cache miss
+                warnings.warn(f"ignoring the unreadable feature cache "
+                              f"{path.name} ({err}); computing again",
+                              stacklevel=2)
+    was_training = net.training
+    net.to(device).eval()
+    try:
+        feats, labels = _forward_all(net, dataset, batch_size, device,
+                                     progress)
+    finally:
+        net.train(was_training)
+    if path is not None:
+        training._save_atomic({"format": CACHE_FORMAT, "key": key,
+                               "features": feats, "labels": labels}, path)
+    return Features(feats, labels, classes)
+
+
+# ------------------------------------------------------------- probes
+
+
+@dataclass
+class ProbeResult:
+    """A linear classifier trained on features, and how well it does.
+
+    classifier is a scikit-learn pipeline ("logistic") or an nn.Linear
+    that maps raw features to class scores ("torch"), ready to be used as
+    the network's new head.
+    """
+
+    accuracy: float
+    classifier: object
+    train_accuracy: float
+    method: str
+
+    def __repr__(self):
+        return (f"ProbeResult(method={self.method!r}, accuracy="
+                f"{self.accuracy:.3f}, train_accuracy="
+                f"{self.train_accuracy:.3f})")
+
+
+def _torch_probe(train, test, epochs, lr, batch_size, weight_decay,
+                 standardize, seed, device):
+    x, y = train.features, train.labels
+    num_classes = int(max(y.max(), test.labels.max())) + 1
+    mean = x.mean(0) if standardize else torch.zeros(x.shape[1])
+    std = x.std(0).clamp_min(1e-6) if standardize else torch.ones(x.shape[1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(x.shape[1], num_classes)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset((x - mean) / std, y),
+        batch_size=batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr,
+                                  weight_decay=weight_decay)
+    training.fit(head, loader, None, optimizer, epochs, device=device,
+                 progress=False, keep_best=False)
+    # Fold the standardisation into the layer so it takes raw features.
+    classifier = copy.deepcopy(head).cpu()
+    with torch.no_grad():
+        weight = head.weight.cpu() / std
+        classifier.weight.copy_(weight)
+        classifier.bias.copy_(head.bias.cpu() - weight @ mean)
+
+    def accuracy(f):
+        with torch.no_grad():
+            return (classifier(f.features).argmax(1) == f.labels
+                    ).float().mean().item()
+
+    return classifier, accuracy(train), accuracy(test)
+
+
+def linear_probe(train, test, method="logistic", C=1.0, max_iter=1000,
+                 epochs=30, lr=1e-2, batch_size=64, weight_decay=0.0,
+                 standardize=True, seed=0, device=None):
+    """Train a linear classifier on features; report its accuracy.
+
+    Args:
+        train, test: Features from extract_features.
+        method: "logistic" (scikit-learn's LogisticRegression with
+            inverse regularisation C, on standardised features) or
+            "torch" (an nn.Linear trained with AdamW by fit for `epochs`
+            epochs of minibatches).
+        standardize: ("torch") scale each feature to mean 0, std 1 first;
+            the returned layer still takes raw features.
+    """
+    for name, f in (("train", train), ("test", test)):
+        if not isinstance(f, Features):
+            raise TypeError(f"{name} must be the Features that "
+                            f"extract_features returns, got "
+                            f"{type(f).__name__}")
+    if train.features.shape[1] != test.features.shape[1]:
+        raise ValueError(f"train and test features differ in size "
+                         f"({train.features.shape[1]} vs "
+                         f"{test.features.shape[1]}): extract both with "
+                         "the same backbone")
+    if method == "logistic":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        classifier = make_pipeline(StandardScaler(),
+                                   LogisticRegression(C=C, max_iter=max_iter))
+        x, y = train.features.numpy(), train.labels.numpy()
+        classifier.fit(x, y)
+        return ProbeResult(
+            accuracy=float(classifier.score(test.features.numpy(),
+                                            test.labels.numpy())),
+            classifier=classifier,
+            train_accuracy=float(classifier.score(x, y)), method=method)
+    if method == "torch":
+        classifier, train_acc, test_acc = _torch_probe(
+            train, test, epochs, lr, batch_size, weight_decay, standardize,
+            seed, device)
+        return ProbeResult(accuracy=test_acc, classifier=classifier,
+                           train_accuracy=train_acc, method=method)
+    raise ValueError(f"unknown method {method!r}: use 'logistic' or 'torch'")

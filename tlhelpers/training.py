@@ -1,0 +1,1203 @@
+"""Training loop, history, gradual unfreezing, LR finder, strategy comparison.
+
+``fit`` is the loop every notebook uses. It keeps its metrics on the device
+and reads them once per epoch (plus about twice a second for the progress
+bar and the NaN check), so it costs no more than a bare PyTorch loop.
+Epochs are numbered from 1 everywhere: in ``History``, in unfreezing
+schedules and in checkpoints.
+"""
+
+import contextlib
+import copy
+import math
+import os
+import random
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tlhelpers import config, models
+from tlhelpers.models import Table
+
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+STRATEGIES = ("from_scratch", "feature_extraction", "head_only", "last_k",
+              "full_fine_tuning", "gradual_unfreezing")
+# How often (seconds) fit reads the running loss back from the device: for
+# the progress bar and to notice a NaN loss without a sync on every step.
+SYNC_SECONDS = 0.5
+CHECKPOINT_FORMAT = "tlhelpers-checkpoint-1"
+
+
+# ------------------------------------------------------------- history
+
+
+def _lower_is_better(monitor):
+    return "loss" in monitor
+
+
+def _improved(value, best, monitor, min_delta=0.0):
+    if best is None:
+        return True
+    if _lower_is_better(monitor):
+        return value < best - min_delta
+    return value > best + min_delta
+
+
+def _check_monitor(monitor):
+    if monitor not in METRICS:
+        raise ValueError(f"cannot monitor {monitor!r}: choose one of "
+                         f"{', '.join(METRICS)}")
+
+
+class History:
+    """What fit() measured, epoch by epoch, and what happened on the way.
+
+    ``epochs`` holds one dict per finished epoch: epoch, train_loss,
+    train_acc, val_loss, val_acc, lrs ({parameter group name: learning
+    rate at the start of the epoch}) and time (seconds). ``events`` lists
+    unfreezing events (epoch, kind, group, lr); ``notes`` says in words
+    what else happened (early stop, restored weights, an interruption).
+    ``history["val_acc"]`` gives one metric as a list.
+    """
+
+    def __init__(self, monitor="val_loss", epochs=(), events=(), notes=()):
+        _check_monitor(monitor)
+        self.monitor = monitor
+        self.epochs = [dict(row) for row in epochs]
+        self.events = [dict(event) for event in events]
+        self.notes = list(notes)
+
+    def __len__(self):
+        return len(self.epochs)
+
+    def __getitem__(self, key):
+        if not isinstance(key, str):
+            return self.epochs[key]
+        if self.epochs and key not in self.epochs[0]:
+            raise KeyError(f"history has no {key!r}; it has "
+                           f"{', '.join(self.epochs[0])}")
+        return [row.get(key) for row in self.epochs]
+
+    @property
+    def best_epoch(self):
+        """Return the epoch with the best monitored value (None if none)."""
+        best_epoch, best = None, None
+        for row in self.epochs:
+            value = row.get(self.monitor)
+            if value is None or not math.isfinite(value):
+                continue
+            if _improved(value, best, self.monitor):
+                best_epoch, best = row["epoch"], value
+        return best_epoch
+
+    def to_dict(self):
+        """Return plain data (for checkpoints and JSON)."""
+        return {"monitor": self.monitor, "epochs": self.epochs,
+                "events": self.events, "notes": self.notes}
+
+    @classmethod
+    def from_dict(cls, data):
+        """Rebuild a History from to_dict() output."""
+        return cls(data["monitor"], data["epochs"], data["events"],
+                   data["notes"])
+
+    def table(self):
+        """Tabulate the epochs: metrics, learning rates, unfrozen groups."""
+        unfrozen = {}
+        for event in self.events:
+            unfrozen.setdefault(event["epoch"], []).append(event["group"])
+        best = self.best_epoch
+        rows = []
+        for row in self.epochs:
+            out = {k: row.get(k) for k in ("epoch",) + METRICS}
+            for name, lr in row.get("lrs", {}).items():
+                # the "+no_decay" twin always shares its group's rate
+                if not name.endswith("+no_decay"):
+                    out[f"lr {name}"] = lr
+            out["time"] = row.get("time")
+            if unfrozen:
+                out["unfrozen"] = ", ".join(unfrozen.get(row["epoch"], []))
+            out["best"] = "*" if row["epoch"] == best else ""
+            rows.append(out)
+        return Table(rows, title=f"Training history (best: {self.monitor})")
+
+    def __str__(self):
+        text = str(self.table())
+        return "\n".join([text] + [f"note: {n}" for n in self.notes])
+
+    def __repr__(self):
+        return (f"History({len(self.epochs)} epochs, best_epoch="
+                f"{self.best_epoch}, monitor={self.monitor!r})")
+
+    def _repr_html_(self):
+        import html
+
+        notes = "".join(f"<p>{html.escape(n)}</p>" for n in self.notes)
+        return self.table()._repr_html_() + notes
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when `monitor` has not improved for `patience` epochs.
+
+    An improvement must beat the best value so far by more than min_delta.
+    """
+
+    patience: int = 3
+    monitor: str = "val_loss"
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"patience must be an int >= 1 (epochs to wait "
+                             f"for an improvement), got {self.patience!r}")
+        _check_monitor(self.monitor)
+        if self.min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
+
+    def epochs_without_improvement(self, history):
+        """Count the epochs since the monitored value last improved."""
+        best, wait = None, 0
+        for value in history[self.monitor]:
+            if (value is not None and math.isfinite(value)
+                    and _improved(value, best, self.monitor, self.min_delta)):
+                best, wait = value, 0
+            else:
+                wait += 1
+        return wait
+
+    def should_stop(self, history):
+        """Say whether patience has run out."""
+        return self.epochs_without_improvement(history) >= self.patience
+
+
+def _as_stopper(early_stopping):
+    if early_stopping is None or isinstance(early_stopping, EarlyStopping):
+        return early_stopping
+    if isinstance(early_stopping, int) and not isinstance(early_stopping,
+                                                          bool):
+        return EarlyStopping(patience=early_stopping)
+    raise TypeError("early_stopping must be a patience in epochs (an int) "
+                    "or EarlyStopping(patience=..., monitor=...), got "
+                    f"{early_stopping!r}")
+
+
+# ------------------------------------------------------------ helpers
+
+
+def _named_lrs(optimizer):
+    lrs = {}
+    for i, group in enumerate(optimizer.param_groups):
+        name = group.get("name") or f"group{i}"
+        if name in lrs:
+            name = f"{name}#{i}"
+        lrs[name] = float(group["lr"])
+    return lrs
+
+
+def _lr_text(optimizer):
+    lrs = {n.split("+")[0]: lr for n, lr in _named_lrs(optimizer).items()}
+    if len(set(lrs.values())) == 1:
+        return f"learning rate {next(iter(lrs.values())):.2e}"
+    return "learning rates " + ", ".join(f"{n}={lr:.2e}"
+                                         for n, lr in lrs.items())
+
+
+def _copy_state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _trainable(optimizer):
+    return [p for g in optimizer.param_groups for p in g["params"]
+            if p.requires_grad]
+
+
+def _per_batch(scheduler):
+    # One-cycle and cyclic schedules count batches; the others count epochs.
+    return isinstance(scheduler, (torch.optim.lr_scheduler.OneCycleLR,
+                                  torch.optim.lr_scheduler.CyclicLR))
+
+
+def _is_plateau(scheduler):
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _classifies(out, y):
+    return out.ndim == 2 and y.ndim == 1 and not y.is_floating_point()
+
+
+def _save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _loader_generators(loader):
+    found = []
+    for owner in (loader, getattr(loader, "sampler", None),
+                  getattr(loader, "batch_sampler", None),
+                  getattr(getattr(loader, "batch_sampler", None), "sampler",
+                          None)):
+        gen = getattr(owner, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g
+                                                    for g in found):
+            found.append(gen)
+    return found
+
+
+def _rng_state(loader=None):
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                       has_gauss, gauss),
+             "torch": torch.get_rng_state(),
+             "cuda": (torch.cuda.get_rng_state_all()
+                      if torch.cuda.is_available() else []),
+             "loader": [g.get_state() for g in
+                        (_loader_generators(loader) if loader else [])]}
+    return state
+
+
+def _set_rng_state(state, loader=None):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos,
+                         has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    gens = _loader_generators(loader) if loader else []
+    for gen, saved in zip(gens, state["loader"]):
+        gen.set_state(saved)
+
+
+class _Diverged(Exception):
+    def __init__(self, epoch, batch, value):
+        super().__init__(epoch, batch, value)
+        self.epoch, self.batch, self.value = epoch, batch, value
+
+
+def _step(net, x, y, optimizer, loss_fn, scaler, clip_grad, device):
+    """One optimisation step; return (outputs, loss) still on the device."""
+    autocast = (torch.autocast(device.type, dtype=torch.float16)
+                if scaler is not None else contextlib.nullcontext())
+    with autocast:
+        out = net(x)
+        loss = loss_fn(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(_trainable(optimizer), clip_grad)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(_trainable(optimizer), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    return out, loss
+
+
+def _train_epoch(net, loader, optimizer, loss_fn, device, scheduler, scaler,
+                 clip_grad, bar, epoch):
+    """Train one epoch; return (loss, accuracy) as floats."""
+    net.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = counted = 0
+    each_batch = _per_batch(scheduler)
+    next_sync = time.monotonic() + SYNC_SECONDS
+    for batch, (x, y) in enumerate(loader, start=1):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        out, loss = _step(net, x, y, optimizer, loss_fn, scaler, clip_grad,
+                          device)
+        if each_batch:
+            scheduler.step()
+        # Accumulate on the device: reading a value back every step would
+        # make the GPU wait for the CPU.
+        size = len(y)
+        with torch.no_grad():
+            loss_sum.add_(loss, alpha=size)
+            if _classifies(out, y):
+                correct.add_((out.argmax(1) == y).sum())
+                counted += size
+        seen += size
+        bar.update()
+        if time.monotonic() >= next_sync:
+            running = loss_sum.item() / seen
+            if not math.isfinite(running):
+                raise _Diverged(epoch, batch, running)
+            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+            next_sync = time.monotonic() + SYNC_SECONDS
+    if seen == 0:
+        raise ValueError("the training loader yielded no batches: is the "
+                         "dataset empty, or drop_last=True with fewer "
+                         "samples than batch_size?")
+    train_loss = loss_sum.item() / seen
+    if not math.isfinite(train_loss):
+        raise _Diverged(epoch, batch, train_loss)
+    train_acc = correct.item() / counted if counted else None
+    return train_loss, train_acc
+
+
+@torch.inference_mode()
+def _eval_loop(net, loader, loss_fn, device):
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = counted = 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        out = net(x)
+        size = len(y)
+        loss_sum += loss_fn(out, y).float() * size
+        seen += size
+        if _classifies(out, y):
+            correct += (out.argmax(1) == y).sum()
+            counted += size
+    if seen == 0:
+        raise ValueError("the evaluation loader yielded no batches: is the "
+                         "dataset empty?")
+    return loss_sum.item() / seen, (correct.item() / counted if counted
+                                    else None)
+
+
+def evaluate(model, loader, loss_fn=None, device=None):
+    """Return the mean loss and accuracy of a model over a loader.
+
+    Returns:
+        dict(loss=float, accuracy=float in [0, 1], or None when the
+        outputs are not class scores).
+    """
+    net = models._module(model)
+    device = config.get_device(device)
+    net.to(device)
+    was_training = net.training
+    net.eval()
+    try:
+        loss, acc = _eval_loop(net, loader, loss_fn or nn.CrossEntropyLoss(),
+                               device)
+    finally:
+        net.train(was_training)
+    return {"loss": loss, "accuracy": acc}
+
+
+@dataclass
+class Predictions:
+    """Predicted classes, class probabilities and (if known) true labels."""
+
+    preds: torch.Tensor
+    probs: torch.Tensor
+    targets: torch.Tensor = None
+
+    def __len__(self):
+        return len(self.preds)
+
+    @property
+    def accuracy(self):
+        """Return the share of correct predictions (None without targets)."""
+        if self.targets is None:
+            return None
+        return (self.preds == self.targets).float().mean().item()
+
+
+def predict(model, data, device=None, batch_size=64):
+    """Predict classes for a DataLoader, a Dataset or a batch tensor.
+
+    Returns:
+        Predictions: preds [N] (int64), probs [N, classes] (softmax) and
+        targets [N] when the data carries labels, all on the CPU.
+    """
+    net = models._module(model)
+    device = config.get_device(device)
+    net.to(device)
+    if isinstance(data, torch.Tensor):
+        batches = [(chunk, None) for chunk in data.split(batch_size)]
+    elif isinstance(data, torch.utils.data.DataLoader):
+        batches = data
+    elif isinstance(data, torch.utils.data.Dataset):
+        batches = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    else:
+        raise TypeError("predict needs a DataLoader, a Dataset or a tensor "
+                        f"batch, got {type(data).__name__}")
+    was_training = net.training
+    net.eval()
+    probs, targets = [], []
+    try:
+        with torch.inference_mode():
+            for item in batches:
+                x, y = item if isinstance(item, (tuple, list)) else (item,
+                                                                     None)
+                probs.append(net(x.to(device)).float().softmax(-1).cpu())
+                if y is not None:
+                    targets.append(torch.as_tensor(y))
+    finally:
+        net.train(was_training)
+    probs = torch.cat(probs)
+    return Predictions(preds=probs.argmax(1), probs=probs,
+                       targets=torch.cat(targets) if targets else None)
+
+
+# -------------------------------------------------------------- fit
+
+
+def _read_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read the checkpoint {path}: {err}. Delete "
+                         "it or pass resume=False to start over.") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint written by fit(); "
+                         "pass another checkpoint path or resume=False")
+    return ckpt
+
+
+def _divergence_message(err, optimizer, restored):
+    where = ("during validation" if err.batch is None
+             else f"by batch {err.batch}")
+    top = max(g["lr"] for g in optimizer.param_groups)
+    return (f"the loss became {err.value} in epoch {err.epoch} ({where}) "
+            f"with {_lr_text(optimizer)}. The steps are too large and the "
+            f"weights blew up: try a lower learning rate, e.g. {top / 10:.2e}"
+            " (10x lower), or pick one with lr_find(model, train_loader). "
+            f"Training stopped and {restored}.")
+
+
+def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
+        loss_fn=None, device=None, progress=True, clip_grad=None,
+        early_stopping=None, keep_best=True, checkpoint=None, resume=False,
+        unfreezing=None, live=None, amp=False):
+    """Train a model for some epochs and return its History.
+
+    Args:
+        model: an nn.Module or the Pretrained from load_pretrained.
+        val_loader: None skips validation (then keep_best watches the
+            training loss).
+        epochs: the total number of epochs, also when resuming.
+        scheduler: a torch LR scheduler; OneCycleLR and CyclicLR step
+            every batch, ReduceLROnPlateau steps every epoch on the
+            validation loss, every other scheduler steps every epoch.
+        clip_grad: clip the gradient norm to this value.
+        early_stopping: a patience in epochs, or EarlyStopping(...).
+        keep_best: end with the weights of the best epoch (by the early
+            stopping monitor, else the validation loss).
+        checkpoint: a file written (atomically) after every epoch with
+            everything needed to continue: weights, optimizer, scheduler,
+            history and random states.
+        resume: continue from `checkpoint` if it exists, so that the run
+            ends exactly as if it had never stopped.
+        unfreezing: a GradualUnfreezing schedule, applied at epoch starts.
+        live: an object with update(history) (and optionally close()),
+            called after every epoch, e.g. a live plot.
+        amp: mixed precision (float16) on a CUDA GPU; ignored elsewhere.
+
+    A NaN or infinite loss raises FloatingPointError (with .history).
+    Ctrl-C stops training, restores the best weights and returns the
+    history so far.
+    """
+    net = models._module(model)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError("optimizer must be a torch optimizer, e.g. "
+                        "make_optimizer(model, lr=1e-3), got "
+                        f"{type(optimizer).__name__}")
+    if clip_grad is not None and not clip_grad > 0:
+        raise ValueError(f"clip_grad must be > 0 (a maximum gradient norm), "
+                         f"got {clip_grad}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=<path> to resume from")
+    if live is not None and not callable(getattr(live, "update", None)):
+        raise TypeError("live must have an update(history) method, got "
+                        f"{type(live).__name__}")
+    stopper = _as_stopper(early_stopping)
+    monitor = stopper.monitor if stopper else "val_loss"
+    if val_loader is None and monitor.startswith("val_"):
+        if stopper:
+            raise ValueError(f"early stopping watches {monitor!r} but there "
+                             "is no val_loader: pass one, or use "
+                             "EarlyStopping(monitor='train_loss')")
+        monitor = "train_loss"
+    device = config.get_device(device)
+    net.to(device)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    scaler = None
+    if amp and device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda")
+    elif amp:
+        warnings.warn(f"amp=True needs a CUDA GPU; training in float32 on "
+                      f"{device.type}", stacklevel=2)
+
+    history = History(monitor)
+    start, stopped, best_state = 1, False, None
+    if resume and Path(checkpoint).exists():
+        ckpt = _read_checkpoint(checkpoint)
+        if unfreezing is not None:
+            # Recreate the optimizer's parameter groups before loading it.
+            unfreezing.apply(net, optimizer, ckpt["epoch"], scheduler)
+        try:
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None and ckpt["scheduler"] is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt["scaler"] is not None:
+                scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(
+                f"the checkpoint {checkpoint} does not fit this model, "
+                f"optimizer or scheduler ({err}). Use another checkpoint "
+                "path, delete the file, or pass resume=False.") from err
+        history = History.from_dict(ckpt["history"])
+        start, stopped = ckpt["epoch"] + 1, ckpt["stopped"]
+        best_state = ckpt["best_state"]
+        _set_rng_state(ckpt["rng"], train_loader)
+        history.notes.append(f"resumed from {checkpoint} after epoch "
+                             f"{ckpt['epoch']}")
+    if keep_best and best_state is None:
+        # the best so far is what we start from (also the NaN fallback)
+        best_state = _copy_state(net)
+
+    def restore_best():
+        """Load the best weights if kept; say what happened, in words."""
+        if not keep_best:
+            return "kept the current weights"
+        net.load_state_dict(best_state)
+        best = history.best_epoch
+        if best is None:
+            return "restored the weights from the start of fit()"
+        value = next(r[monitor] for r in history.epochs
+                     if r["epoch"] == best)
+        return (f"restored the weights of epoch {best} (best {monitor} "
+                f"{value:.4g})")
+
+    try:
+        total = len(train_loader)
+    except TypeError:
+        total = None
+    outer = tqdm(total=epochs, initial=start - 1, desc="fit", unit="epoch",
+                 disable=not progress)
+    inner = None
+    try:
+        for epoch in range(start, epochs + 1):
+            if stopped:
+                break
+            t0 = time.perf_counter()
+            if unfreezing is not None:
+                history.events += unfreezing.apply(net, optimizer, epoch,
+                                                   scheduler)
+            lrs = _named_lrs(optimizer)
+            inner = tqdm(total=total, desc=f"epoch {epoch}/{epochs}",
+                         unit="batch", leave=False, disable=not progress)
+            train_loss, train_acc = _train_epoch(
+                net, train_loader, optimizer, loss_fn, device, scheduler,
+                scaler, clip_grad, inner, epoch)
+            inner.close()
+            val_loss = val_acc = None
+            if val_loader is not None:
+                net.eval()
+                val_loss, val_acc = _eval_loop(net, val_loader, loss_fn,
+                                               device)
+                if not math.isfinite(val_loss):
+                    raise _Diverged(epoch, None, val_loss)
+            if scheduler is not None and not _per_batch(scheduler):
+                if _is_plateau(scheduler):
+                    scheduler.step(train_loss if val_loss is None
+                                   else val_loss)
+                else:
+                    scheduler.step()
+            history.epochs.append({
+                "epoch": epoch, "train_loss": train_loss,
+                "train_acc": train_acc, "val_loss": val_loss,
+                "val_acc": val_acc, "lrs": lrs,
+                "time": time.perf_counter() - t0})
+            if keep_best and history.best_epoch == epoch:
+                best_state = _copy_state(net)
+            if stopper is not None and stopper.should_stop(history):
+                stopped = True
+                history.notes.append(
+                    f"stopped early after epoch {epoch}: {monitor} did not "
+                    f"improve for {stopper.patience} epochs")
+            if checkpoint is not None:
+                _save_atomic({
+                    "format": CHECKPOINT_FORMAT, "epoch": epoch,
+                    "stopped": stopped, "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": (scheduler.state_dict()
+                                  if scheduler is not None else None),
+                    "scaler": (scaler.state_dict()
+                               if scaler is not None else None),
+                    "history": history.to_dict(),
+                    # The best weights only when they differ from the last.
+                    "best_state": (best_state if keep_best and
+                                   history.best_epoch != epoch else None),
+                    "rng": _rng_state(train_loader)}, checkpoint)
+            outer.update()
+            outer.set_postfix({k: f"{v:.4f}" for k, v in (
+                ("train_loss", train_loss), ("val_loss", val_loss),
+                ("val_acc", val_acc)) if v is not None})
+            if live is not None:
+                live.update(history)
+        best = history.best_epoch
+        if keep_best and best is not None and best != history[-1]["epoch"]:
+            history.notes.append(f"finished after epoch "
+                                 f"{history[-1]['epoch']}; {restore_best()}")
+    except KeyboardInterrupt:
+        done = len(history)
+        note = (f"interrupted (Ctrl-C) after {done} finished epoch"
+                f"{'s' if done != 1 else ''}; {restore_best()}")
+        if checkpoint is not None:
+            note += f"; continue with resume=True from {checkpoint}"
+        history.notes.append(note)
+        if progress:
+            print(note)
+    except _Diverged as err:
+        error = FloatingPointError(_divergence_message(err, optimizer,
+                                                       restore_best()))
+        error.history = history
+        raise error from None
+    finally:
+        if inner is not None:
+            inner.close()
+        outer.close()
+        if live is not None and callable(getattr(live, "close", None)):
+            live.close()
+    return history
+
+
+# --------------------------------------------------- gradual unfreezing
+
+
+def _join_scheduler(scheduler, optimizer, group):
+    """Make a scheduler aware of a parameter group added after it.
+
+    The new group follows the same schedule shape, scaled to its own rate:
+    schedulers keep per-group lists (base_lrs, max_lrs, min_lrs, lambdas,
+    momenta) that would otherwise be one short and crash the next step.
+    """
+    if scheduler is None:
+        return
+    scheds, todo = [], [scheduler]
+    while todo:
+        sched = todo.pop()
+        scheds.append(sched)
+        todo += getattr(sched, "_schedulers", [])
+    ref = optimizer.param_groups[0]
+    n_old = len(optimizer.param_groups) - 1
+    peak = ref.get("max_lr")
+    if peak is None:
+        peak = next((s.max_lrs[0] for s in scheds
+                     if getattr(s, "max_lrs", None)), ref.get("initial_lr"))
+    scale = group["lr"] / peak if peak else 1.0
+    if peak:
+        for key in ("initial_lr", "max_lr", "min_lr"):
+            if key in ref:
+                group[key] = ref[key] * scale
+        # Join the schedule where it is now, not at its start.
+        group["lr"] = ref["lr"] * scale
+    for key in ("max_momentum", "base_momentum", "betas", "momentum"):
+        if key in ref and "max_momentum" in ref:
+            group[key] = ref[key]
+    for sched in scheds:
+        for name, scaled in (("base_lrs", True), ("max_lrs", True),
+                             ("min_lrs", False), ("lr_lambdas", False),
+                             ("base_momentums", False),
+                             ("max_momentums", False)):
+            values = getattr(sched, name, None)
+            if isinstance(values, list) and len(values) == n_old:
+                values.append(values[0] * scale if scaled else values[0])
+        last = getattr(sched, "_last_lr", None)
+        if isinstance(last, list) and len(last) == n_old:
+            last.append(group["lr"])
+
+
+class GradualUnfreezing:
+    """Unfreeze layer groups one after another, from the head down (ULMFiT).
+
+    Args:
+        schedule: {group: epoch} or {group: (epoch, lr)}, head first; or a
+            list of group names in unfreezing order, one every `every`
+            epochs starting at epoch 1. Epochs count from 1, as in
+            History. The head is added at epoch 1 if not named.
+        lr: the head's learning rate; each group further down gets the
+            rate of the group above divided by `factor` (ULMFiT: 2.6),
+            unless the schedule gives its own rate.
+        train_bn: let the BatchNorm layers of frozen groups train their
+            scale and shift (see models.freeze_to).
+        weight_decay: for the new parameter groups; None copies the
+            optimizer's default.
+
+    At each epoch start, fit calls apply(): groups due are unfrozen and
+    their parameters join the optimizer as new parameter groups (named
+    after the group) and any LR scheduler, so one-cycle or cosine
+    schedules keep working after the unfreeze.
+    """
+
+    def __init__(self, schedule, lr, factor=2.6, every=1, train_bn=False,
+                 weight_decay=None):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not factor >= 1:
+            raise ValueError(f"factor must be >= 1 (each lower group's rate "
+                             f"is divided by it), got {factor}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if isinstance(schedule, dict):
+            items = list(schedule.items())
+            if "head" not in schedule:
+                items.insert(0, ("head", 1))
+        elif isinstance(schedule, (list, tuple)) and all(
+                isinstance(g, str) for g in schedule):
+            names = list(schedule)
+            if "head" not in names:
+                names.insert(0, "head")
+            items = [(g, 1 + i * every) for i, g in enumerate(names)]
+        else:
+            raise TypeError("schedule must be a dict {group: epoch} or a "
+                            "list of group names (head first), got "
+                            f"{schedule!r}")
+        plan, last = [], 1
+        for rank, (group, when) in enumerate(items):
+            epoch, rate = when if isinstance(when, tuple) else (when, None)
+            if not isinstance(epoch, int) or epoch < 1:
+                raise ValueError(f"group {group!r} is scheduled at epoch "
+                                 f"{epoch!r}: epochs count from 1")
+            if epoch < last:
+                raise ValueError(
+                    f"groups unfreeze from the head down: {group!r} (epoch "
+                    f"{epoch}) cannot unfreeze before {plan[-1][0]!r} "
+                    f"(epoch {plan[-1][1]})")
+            last = epoch
+            plan.append((group, epoch,
+                         float(rate) if rate else lr / factor ** rank))
+        if plan[0][1] != 1:
+            raise ValueError(f"the head ({plan[0][0]!r}) must train from "
+                             f"epoch 1, not epoch {plan[0][1]}")
+        self.plan = tuple(plan)
+        self.lr, self.factor = lr, factor
+        self.train_bn, self.weight_decay = train_bn, weight_decay
+
+    def timeline(self):
+        """Return [(group, start_epoch, lr)], head first (for plots)."""
+        return list(self.plan)
+
+    def table(self):
+        """Tabulate which group unfreezes at which epoch with which rate."""
+        return Table([{"group": g, "unfreezes at epoch": e, "lr": lr}
+                      for g, e, lr in self.plan],
+                     title="Gradual unfreezing schedule")
+
+    def __repr__(self):
+        return str(self.table())
+
+    def _repr_html_(self):
+        return self.table()._repr_html_()
+
+    def trainable_groups(self, epoch):
+        """Return the names of the groups that train during `epoch`."""
+        return [g for g, e, _ in self.plan if e <= epoch]
+
+    def _check(self, names):
+        for group, _, _ in self.plan:
+            if group not in names:
+                raise ValueError(f"unknown layer group {group!r} in the "
+                                 "unfreezing schedule; this model's groups "
+                                 f"are {', '.join(names)}")
+        expected = names[::-1][:len(self.plan)]
+        got = [g for g, _, _ in self.plan]
+        if got != expected:
+            raise ValueError(
+                "the unfreezing schedule must name groups from the head "
+                f"down without gaps: expected {expected}, got {got}")
+
+    def apply(self, model, optimizer, epoch, scheduler=None):
+        """Unfreeze the groups due by `epoch`; return this epoch's events.
+
+        Groups scheduled later are frozen. Newly trainable parameters join
+        `optimizer` (and `scheduler`) with their group's rate.
+        """
+        net = models._module(model)
+        names = list(models.layer_groups(net))
+        self._check(names)
+        due = self.trainable_groups(epoch)
+        models.freeze_to(net, len(names) - len(due), train_bn=self.train_bn)
+        rates = {g: lr for g, _, lr in self.plan}
+        present = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                present[id(p)] = group.get("name") or "an unnamed group"
+        decay = self.weight_decay
+        if decay is None:
+            decay = optimizer.defaults.get("weight_decay", 0.0)
+        # Head first, as the groups unfreeze: a resumed run that replays
+        # several unfreezes at once must rebuild the same group order.
+        new_groups = sorted(
+            models.param_groups(net, self.lr, weight_decay=decay),
+            key=lambda pg: -names.index(pg["name"].split("+")[0]))
+        for pg in new_groups:
+            base = pg["name"].split("+")[0]
+            elsewhere = {present[id(p)] for p in pg["params"]
+                         if id(p) in present} - {pg["name"]}
+            if base in due and elsewhere and base != "head":
+                warnings.warn(
+                    f"some parameters of {base!r} were already in the "
+                    f"optimizer (in {sorted(elsewhere)}) and keep that "
+                    "group's learning rate. Build the optimizer after "
+                    "freeze(model), e.g. make_optimizer(model, lr), so "
+                    "each unfrozen group gets its own rate.", stacklevel=2)
+            params = [p for p in pg["params"] if id(p) not in present]
+            if not params:
+                continue
+            # Frozen groups with train_bn=True have no scheduled rate:
+            # give them the ULMFiT rate for their position.
+            rate = rates.get(base, self.lr / self.factor ** (
+                len(names) - 1 - names.index(base)))
+            group = {"params": params, "lr": rate,
+                     "weight_decay": pg["weight_decay"], "name": pg["name"]}
+            optimizer.add_param_group(group)
+            _join_scheduler(scheduler, optimizer, optimizer.param_groups[-1])
+        return [{"epoch": epoch, "kind": "unfreeze", "group": g, "lr": lr}
+                for g, e, lr in self.plan if e == epoch]
+
+
+# ------------------------------------------------------------ lr_find
+
+
+@dataclass
+class LRFinder:
+    """Result of lr_find: the loss curve and a suggested learning rate.
+
+    losses are smoothed (an exponential moving average); raw_losses are
+    the per-batch values. suggestions holds every heuristic's pick.
+    """
+
+    lrs: list
+    losses: list
+    suggestion: float
+    method: str = "valley"
+    raw_losses: list = field(default_factory=list)
+    suggestions: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        picks = ", ".join(f"{k}={v:.2e}" for k, v in self.suggestions.items()
+                          if v is not None)
+        sug = "None" if self.suggestion is None else f"{self.suggestion:.2e}"
+        return (f"LRFinder({len(self.lrs)} steps from {self.lrs[0]:.1e} to "
+                f"{self.lrs[-1]:.1e}, suggestion={sug} by {self.method}; "
+                f"{picks})")
+
+
+def _valley(lrs, losses):
+    """Middle of the longest stretch over which the loss keeps falling."""
+    n = len(losses)
+    # longest decreasing subsequence ending at each point, and its start
+    length, begin = [1] * n, list(range(n))
+    for i in range(n):
+        for j in range(i):
+            if losses[i] < losses[j] and length[j] + 1 > length[i]:
+                length[i], begin[i] = length[j] + 1, begin[j]
+    end = max(range(n), key=lambda i: (length[i], -i))
+    return lrs[(begin[end] + end) // 2]
+
+
+def _steepest(lrs, losses):
+    """Learning rate where the loss falls fastest per decade."""
+    slope = np.gradient(np.asarray(losses), np.log10(np.asarray(lrs)))
+    return lrs[int(np.argmin(slope))]
+
+
+def _minimum_tenth(lrs, losses):
+    """A tenth of the learning rate with the lowest loss."""
+    return lrs[int(np.argmin(losses))] / 10
+
+
+SUGGESTERS = {"valley": _valley, "steepest": _steepest,
+              "minimum/10": _minimum_tenth}
+
+
+def lr_find(model, loader, optimizer=None, start_lr=1e-7, end_lr=10,
+            num_iter=100, loss_fn=None, device=None, smooth=0.98,
+            diverge=4.0, method="valley", progress=True):
+    """Run the learning-rate range test and suggest a learning rate.
+
+    The rate grows exponentially from start_lr to end_lr, one batch each,
+    until the smoothed loss exceeds `diverge` times its minimum. Methods:
+    "valley" (fastai's default: the middle of the longest stretch where
+    the smoothed loss keeps falling), "steepest" (where it falls fastest
+    per decade) and "minimum/10". Parameter groups keep their ratios (the
+    group with the highest rate follows the sweep). Afterwards the model's
+    weights, the optimizer's state and the random generators are restored
+    exactly, so lr_find does not change what a later fit() does.
+    """
+    net = models._module(model)
+    if method not in SUGGESTERS:
+        raise ValueError(f"unknown method {method!r}: use one of "
+                         f"{', '.join(SUGGESTERS)}")
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"need 0 < start_lr < end_lr, got start_lr="
+                         f"{start_lr}, end_lr={end_lr}")
+    if not isinstance(num_iter, int) or num_iter < 5:
+        raise ValueError(f"num_iter must be an int >= 5, got {num_iter!r}")
+    if optimizer is None:
+        params = [p for p in net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("every parameter is frozen: unfreeze at least "
+                             "the head before lr_find")
+        optimizer = torch.optim.AdamW(params, lr=start_lr)
+    device = config.get_device(device)
+    net.to(device)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    saved_model = _copy_state(net)
+    saved_opt = copy.deepcopy(optimizer.state_dict())
+    saved_rng = _rng_state(loader)
+    was_training = net.training
+    top = max(g["lr"] for g in optimizer.param_groups)
+    ratios = [g["lr"] / top if top > 0 else 1.0
+              for g in optimizer.param_groups]
+    lrs, raw, smoothed = [], [], []
+    avg, best, diverged = 0.0, math.inf, False
+    bar = tqdm(total=num_iter, desc="lr_find", unit="batch",
+               disable=not progress)
+    net.train()
+    try:
+        batches = iter(loader)
+        for i in range(num_iter):
+            lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
+            for group, ratio in zip(optimizer.param_groups, ratios):
+                group["lr"] = lr * ratio
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x, y = next(batches)
+            _, loss = _step(net, x.to(device), y.to(device), optimizer,
+                            loss_fn, None, None, device)
+            value = loss.item()  # a sync per step: the test needs each loss
+            bar.update()
+            if not math.isfinite(value):
+                diverged = True
+                break
+            avg = smooth * avg + (1 - smooth) * value
+            current = avg / (1 - smooth ** (i + 1))
+            lrs.append(lr)
+            raw.append(value)
+            smoothed.append(current)
+            best = min(best, current)
+            if i > 0 and current > diverge * best:
+                diverged = True
+                break
+    finally:
+        bar.close()
+        net.load_state_dict(saved_model)
+        optimizer.load_state_dict(saved_opt)
+        net.train(was_training)
+        _set_rng_state(saved_rng, loader)
+    # The step that set off the divergence says nothing about a good rate.
+    keep = len(smoothed) - 1 if diverged and smoothed else len(smoothed)
+    picks = {name: (float(pick(lrs[:keep], smoothed[:keep]))
+                    if keep >= 5 else None)
+             for name, pick in SUGGESTERS.items()}
+    if picks[method] is None:
+        warnings.warn(f"the loss diverged after {len(raw)} steps, too few "
+                      "to suggest a rate: lower start_lr", stacklevel=2)
+    return LRFinder(lrs=lrs, losses=smoothed, suggestion=picks[method],
+                    method=method, raw_losses=raw, suggestions=picks)
+
+
+# -------------------------------------------------- compare strategies
+
+
+class _PeakMemory:
+    """Peak memory growth of a block, in MB.
+
+    On CUDA: torch.cuda.max_memory_allocated above the allocation at the
+    start (tensors only). Elsewhere: the process's resident set size
+    (psutil RSS, everything the process holds), sampled every 5 ms,
+    minus its value at the start.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.mb = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        import psutil
+
+        process = psutil.Process()
+        self._base = self._peak = process.memory_info().rss
+        self._done = threading.Event()
+
+        def sample():
+            while not self._done.wait(0.005):
+                self._peak = max(self._peak, process.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._done.set()
+            self._thread.join()
+            import psutil
+
+            peak = max(self._peak, psutil.Process().memory_info().rss)
+        self.mb = max(0.0, (peak - self._base) / 2 ** 20)
+        return False
+
+
+def _num_classes(dataset):
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return len(classes)
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [dataset[i][1] for i in range(len(dataset))]
+    return int(max(int(t) for t in targets)) + 1
+
+
+def _build_model(model, weights, num_classes):
+    if isinstance(model, str):
+        return models.load_pretrained(model, num_classes=num_classes,
+                                      weights=weights)
+    if callable(model):
+        return model(weights)
+    raise TypeError("model must be a name from MODEL_NAMES or a function "
+                    f"weights -> model, got {type(model).__name__}")
+
+
+def _run_strategy(strategy, model, train, test, num_classes, epochs, lr,
+                  batch_size, last_k, probe, seed, device):
+    """Train one strategy; return (accuracy, trainable parameters)."""
+    from tlhelpers import features
+
+    config.seed_everything(seed)
+    if strategy == "feature_extraction":
+        net = _build_model(model, "imagenet", num_classes)
+        backbone = (net if isinstance(net, models.Pretrained)
+                    else models.feature_extractor(net))
+        kw = dict(batch_size=batch_size, cache=False, device=device,
+                  progress=False)
+        result = features.linear_probe(
+            features.extract_features(backbone, train, **kw),
+            features.extract_features(backbone, test, **kw), method=probe)
+        dim = models.feature_dim(net)
+        return result.accuracy, dim * num_classes + num_classes
+    weights = None if strategy == "from_scratch" else "imagenet"
+    net = _build_model(model, weights, num_classes)
+    unfreezing = None
+    if strategy == "head_only":
+        models.freeze(net)
+    elif strategy == "last_k":
+        models.freeze_to(net, -last_k)
+    elif strategy == "gradual_unfreezing":
+        models.freeze(net)
+        unfreezing = GradualUnfreezing(
+            list(models.layer_groups(net))[::-1][:epochs], lr=lr)
+    else:
+        models.unfreeze(net)
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(seed))
+    optimizer = models.make_optimizer(net, lr=lr)
+    fit(net, loader, None, optimizer, epochs, device=device, progress=False,
+        keep_best=False, unfreezing=unfreezing)
+    test_loader = torch.utils.data.DataLoader(test, batch_size=batch_size)
+    accuracy = evaluate(net, test_loader, device=device)["accuracy"]
+    return accuracy, models.count_parameters(net, trainable_only=True)
+
+
+def compare_strategies(train, test, model="efficientnet_lite0",
+                       strategies=STRATEGIES, epochs=5, lr=1e-3,
+                       batch_size=32, last_k=2, labels_per_class=None,
+                       probe="logistic", seed=0, device=None, progress=True):
+    """Train every transfer strategy on the same data and budget; tabulate.
+
+    Args:
+        train, test: datasets of (preprocessed tensor, label).
+        model: a name for load_pretrained, or a function weights -> model
+            (weights is "imagenet" or None) returning a model whose head
+            already has the right number of classes.
+        strategies: any of STRATEGIES: from_scratch (random weights, all
+            trained), feature_extraction (a linear probe, `probe` method,
+            on features of the frozen backbone), head_only, last_k (the
+            last `last_k` groups, head included), full_fine_tuning and
+            gradual_unfreezing (one more group each epoch, ULMFiT rates).
+            All fine-tuning runs use AdamW at `lr` for `epochs` epochs.
+        labels_per_class: a list of labelled images per class (e.g.
+            [5, 10, 20]) to repeat the comparison on few-shot subsets of
+            `train`, for learning curves.
+
+    Returns:
+        Table with one row per run: (labels_per_class,) strategy,
+        accuracy, trainable_params, seconds (wall time, training and
+        testing) and peak_mem_mb (on CUDA, peak tensor memory; on CPU, the
+        peak growth of the process's resident memory, sampled).
+    """
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}: choose from "
+                         f"{', '.join(STRATEGIES)}")
+    device = config.get_device(device)
+    num_classes = _num_classes(train)
+    subsets = [(None, train)]
+    if labels_per_class is not None:
+        from tlhelpers.data import few_shot
+
+        subsets = [(k, few_shot(train, k, seed=seed))
+                   for k in labels_per_class]
+    rows = []
+    bar = tqdm(total=len(subsets) * len(strategies), desc="strategies",
+               unit="run", disable=not progress)
+    try:
+        for k, subset in subsets:
+            for strategy in strategies:
+                bar.set_postfix(strategy=strategy, refresh=True)
+                start = time.perf_counter()
+                with _PeakMemory(device) as mem:
+                    accuracy, trainable = _run_strategy(
+                        strategy, model, subset, test, num_classes, epochs,
+                        lr, batch_size, last_k, probe, seed, device)
+                row = {} if k is None else {"labels_per_class": k}
+                row.update(
+                    strategy=(f"last_{last_k}_groups" if strategy == "last_k"
+                              else strategy),
+                    accuracy=accuracy, trainable_params=trainable,
+                    seconds=time.perf_counter() - start,
+                    peak_mem_mb=mem.mb)
+                rows.append(row)
+                bar.update()
+    finally:
+        bar.close()
+    return Table(rows, title=f"Transfer strategies ({epochs} epochs, "
+                             f"lr {lr:g})")
