@@ -1,0 +1,643 @@
+"""Tests of tlhelpers.exercises: every check passes the reference answer,
+fails a typical mistake with its message, and reports an untouched
+placeholder as not attempted; strict mode raises; notebooks get filled."""
+
+import copy
+import io
+import json
+
+import pytest
+import torch
+
+from tlhelpers import exercises, models, training
+from tlhelpers.exercises import EXERCISES, Result
+
+COURSE_NOTEBOOKS = ("01_pretrained_models", "02_feature_extraction",
+                    "03_fine_tuning", "04_progressive_unfreezing",
+                    "05_choosing_a_strategy", "06_capstone")
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """An untrained lite0 with a 5-class head: structure without weights."""
+    return models.load_pretrained(num_classes=5, weights=None, image_size=64)
+
+
+def _solve(exercise, **namespace):
+    """Run an exercise's reference solution; return its namespace."""
+    exec(exercise.solution_code, namespace)
+    return namespace
+
+
+def _placeholder(exercise):
+    namespace = {}
+    exec(exercise.placeholder, namespace)
+    return namespace
+
+
+def _check(exercise, namespace):
+    return exercise.check(*[namespace[a] for a in exercise.args])
+
+
+def _roundtrip(evidence):
+    """Save and load evidence the way the grader does."""
+    buffer = io.BytesIO()
+    torch.save(evidence, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def assert_incorrect(result, *phrases):
+    assert result.status == "incorrect", result
+    assert result.points == 0
+    for phrase in phrases:
+        assert phrase in result.message, result.message
+
+
+# ------------------------------------------------------------ registry
+
+
+def test_every_course_exercise_is_registered_in_course_order():
+    assert list(EXERCISES) == [
+        "load_with_preprocessing", "linear_probe", "freeze_backbone",
+        "discriminative_lrs", "unfreezing_schedule", "pick_strategy",
+        "capstone"]
+    assert {e.notebook for e in EXERCISES.values()} == set(COURSE_NOTEBOOKS)
+    for name, exercise in EXERCISES.items():
+        assert getattr(exercises, name) is exercise
+        assert exercises.get(name) is exercise
+
+
+def test_unknown_exercise_names_every_exercise():
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        exercises.get("freeze_the_backbone")
+
+
+def test_for_notebook_returns_the_exercises_a_notebook_hosts():
+    names = [e.name for e in exercises.for_notebook("03_fine_tuning.ipynb")]
+    assert names == ["freeze_backbone", "discriminative_lrs"]
+    assert exercises.for_notebook("00_welcome") == []
+
+
+@pytest.mark.parametrize("exercise", EXERCISES.values(), ids=lambda e: e.name)
+def test_placeholder_runs_and_leaves_the_answer_not_attempted(exercise):
+    namespace = _placeholder(exercise)
+    for answer in exercise.answers:
+        assert answer in namespace
+    values = {a: namespace.get(a, "unused") for a in exercise.args}
+    evidence = exercise.collect(values)
+    result = exercise.grade(evidence)
+    assert result.status == "not attempted", result
+    assert result.points == 0 and result.max_points == exercise.points
+
+
+@pytest.mark.parametrize("exercise", EXERCISES.values(), ids=lambda e: e.name)
+def test_exercise_texts_fit_a_notebook(exercise):
+    assert exercise.args[:len(exercise.answers)] == exercise.answers
+    assert exercise.check_source == (
+        f"exercises.{exercise.name}.check({', '.join(exercise.args)})")
+    for text in (exercise.placeholder, exercise.solution_code):
+        assert all(len(line) <= 79 for line in text.splitlines())
+        compile(text, exercise.name, "exec")
+    assert exercise.statement and exercise.hint_text and exercise.title
+
+
+def test_summary_lists_every_exercise_with_its_answer_variables():
+    table = exercises.summary()
+    assert [r["exercise"] for r in table] == list(EXERCISES)
+    assert table[2]["answer"] == "frozen_model"
+
+
+# --------------------------------------------------------- check itself
+
+
+def test_check_prints_the_status_and_returns_a_result(capsys):
+    result = exercises.pick_strategy.check(...)
+    out = capsys.readouterr().out
+    assert "pick_strategy: not attempted" in out
+    assert isinstance(result, Result) and result.status == "not attempted"
+
+
+def test_incorrect_check_points_to_hint_and_solution(capsys):
+    exercises.pick_strategy.check({"few_near": "from_scratch"})
+    out = capsys.readouterr().out
+    assert "pick_strategy: incorrect:" in out
+    assert "exercises.pick_strategy.hint()" in out
+
+
+def test_check_with_wrong_arguments_reports_instead_of_raising():
+    result = exercises.discriminative_lrs.check(None)
+    assert_incorrect(result, "needs pretrained",
+                     exercises.discriminative_lrs.check_source)
+    result = exercises.freeze_backbone.check(1, 2, 3)
+    assert_incorrect(result, "takes 1 argument")
+    result = exercises.freeze_backbone.check(model=1)
+    assert_incorrect(result, "unexpected argument 'model'")
+
+
+def test_check_survives_an_answer_that_raises(untrained):
+    def broken(image):
+        raise RuntimeError("boom")
+
+    result = exercises.load_with_preprocessing.check(broken, untrained)
+    assert_incorrect(result, "raised RuntimeError: boom")
+
+
+def test_check_reports_missing_context_variables():
+    evidence = exercises.discriminative_lrs.collect({"optimizer": object()})
+    result = exercises.discriminative_lrs.grade(evidence)
+    assert_incorrect(result, "`pretrained` is not defined")
+
+
+def test_strict_mode_raises_on_anything_but_correct(monkeypatch, untrained,
+                                                    capsys):
+    monkeypatch.setenv("TLH_STRICT", "1")
+    with pytest.raises(AssertionError, match="not attempted"):
+        exercises.freeze_backbone.check(...)
+    with pytest.raises(AssertionError, match="the new head is frozen"):
+        frozen = copy.deepcopy(untrained)
+        models.freeze_to(frozen, len(frozen.groups))
+        exercises.freeze_backbone.check(frozen)
+    namespace = _solve(exercises.freeze_backbone, pretrained=untrained)
+    assert exercises.freeze_backbone.check(namespace["frozen_model"]).passed
+
+
+def test_hint_and_solution_print_and_solution_code_is_exposed(capsys):
+    exercises.freeze_backbone.hint()
+    exercises.freeze_backbone.solution()
+    out = capsys.readouterr().out
+    assert "requires_grad" in out
+    assert exercises.freeze_backbone.solution_code in out
+
+
+def test_result_text_and_points():
+    result = Result("x", "correct", "well done", 2.0, 2.0)
+    assert result.passed and str(result) == "x: correct. well done"
+    assert "[2/2 points]" in result.report()
+    assert result.as_dict()["points"] == 2.0
+    wrong = Result("x", "incorrect", "why", 0.0, 1.0)
+    assert str(wrong) == "x: incorrect: why" and not wrong.passed
+
+
+# ----------------------------------------------- load_with_preprocessing
+
+
+def test_preprocessing_solution_passes(untrained):
+    namespace = _solve(exercises.load_with_preprocessing,
+                       pretrained=untrained)
+    result = _check(exercises.load_with_preprocessing, namespace)
+    assert result.passed, result
+    assert "mean (0.5, 0.5, 0.5)" in result.message
+
+
+def test_preprocessing_with_imagenet_statistics_fails(untrained):
+    from torchvision import transforms as T
+
+    wrong = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(),
+                       T.Normalize(models.IMAGENET_MEAN,
+                                   models.IMAGENET_STD)])
+    result = exercises.load_with_preprocessing.check(wrong, untrained)
+    assert_incorrect(result, "normalisation does not match",
+                     "mean (0.485, 0.456, 0.406)", "read them from")
+
+
+@pytest.mark.parametrize("mistake, phrase", [
+    ("no_normalize", "not normalised"),
+    ("wrong_size", "makes 224x224 images"),
+    ("train_transform", "preprocess is random"),
+    ("flip", "comes out different"),
+    ("pil", "returned a PIL image"),
+    ("batch", "returns a batch"),
+])
+def test_preprocessing_mistakes_get_their_reason(untrained, mistake, phrase):
+    from torchvision import transforms as T
+
+    norm = T.Normalize((0.5,) * 3, (0.5,) * 3)
+    answers = {
+        "no_normalize": T.Compose([T.Resize(64), T.CenterCrop(64),
+                                   T.ToTensor()]),
+        "wrong_size": T.Compose([T.Resize(224), T.CenterCrop(224),
+                                 T.ToTensor(), norm]),
+        "train_transform": untrained.train_transform,
+        "flip": T.Compose([T.Resize(64), T.CenterCrop(64),
+                           T.RandomHorizontalFlip(1.0), T.ToTensor(),
+                           norm]),
+        "pil": T.Compose([T.Resize(64), T.CenterCrop(64)]),
+        "batch": T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor(),
+                            norm, lambda x: x.unsqueeze(0)]),
+    }
+    result = exercises.load_with_preprocessing.check(answers[mistake],
+                                                     untrained)
+    assert_incorrect(result, phrase)
+
+
+def test_preprocessing_placeholder_is_not_attempted(untrained):
+    result = exercises.load_with_preprocessing.check(..., untrained)
+    assert result.status == "not attempted"
+
+
+# ------------------------------------------------------- freeze_backbone
+
+
+def test_freeze_solution_passes_and_leaves_pretrained_alone(untrained):
+    namespace = _solve(exercises.freeze_backbone, pretrained=untrained)
+    result = _check(exercises.freeze_backbone, namespace)
+    assert result.passed, result
+    assert "only the head trains" in result.message
+    assert all(p.requires_grad for p in untrained.model.parameters())
+
+
+def test_freeze_with_the_head_frozen_says_the_optimizer_has_nothing(
+        untrained):
+    frozen = copy.deepcopy(untrained)
+    for p in frozen.model.parameters():
+        p.requires_grad = False
+    result = exercises.freeze_backbone.check(frozen)
+    assert_incorrect(result, "the new head is frozen: the optimizer has "
+                             "nothing to train")
+
+
+def test_freeze_with_trainable_backbone_groups_names_them(untrained):
+    partly = copy.deepcopy(untrained)
+    models.freeze_to(partly, -3)
+    result = exercises.freeze_backbone.check(partly)
+    assert_incorrect(result, "stage7 and neck")
+    result = exercises.freeze_backbone.check(copy.deepcopy(untrained))
+    assert_incorrect(result, "nothing is frozen")
+
+
+def test_freeze_with_training_batchnorm_says_so(untrained):
+    bn = copy.deepcopy(untrained)
+    models.freeze(bn, train_bn=True)
+    assert_incorrect(exercises.freeze_backbone.check(bn), "BatchNorm")
+
+
+def test_freeze_of_the_imagenet_head_or_a_bare_module_fails(untrained):
+    imagenet_head = models.load_pretrained(weights=None, image_size=64)
+    models.freeze(imagenet_head)
+    assert_incorrect(exercises.freeze_backbone.check(imagenet_head),
+                     "1000 classes")
+    assert_incorrect(exercises.freeze_backbone.check(untrained.model),
+                     "not its .model")
+
+
+def test_freeze_placeholder_is_not_attempted():
+    assert exercises.freeze_backbone.check(...).status == "not attempted"
+
+
+# ---------------------------------------------------- discriminative_lrs
+
+
+def test_discriminative_solution_and_make_optimizer_pass(untrained):
+    namespace = _solve(exercises.discriminative_lrs, pretrained=untrained)
+    result = _check(exercises.discriminative_lrs, namespace)
+    assert result.passed, result
+    assert "10x" in result.message
+    optimizer = models.make_optimizer(untrained, lr=1e-3, lr_mult=10)
+    assert exercises.discriminative_lrs.check(optimizer, untrained).passed
+
+
+def test_one_learning_rate_for_everything_fails(untrained):
+    optimizer = torch.optim.AdamW(untrained.model.parameters(), lr=1e-3)
+    result = exercises.discriminative_lrs.check(optimizer, untrained)
+    assert_incorrect(result, "every parameter has the same learning rate")
+
+
+def test_backbone_faster_than_head_names_the_groups(untrained):
+    code = exercises.discriminative_lrs.solution_code.replace(
+        '"lr": 1e-4', '"lr": 1e-2')
+    namespace = {"pretrained": untrained}
+    exec(code, namespace)
+    result = exercises.discriminative_lrs.check(namespace["optimizer"],
+                                                untrained)
+    assert_incorrect(result, "as fast as the head", "stem (0.01)")
+
+
+def test_optimizer_missing_the_backbone_or_the_head_fails(untrained):
+    head_only = torch.optim.AdamW(models.get_head(untrained).parameters())
+    assert_incorrect(
+        exercises.discriminative_lrs.check(head_only, untrained),
+        "only the head is in the optimizer")
+    head = {id(p) for p in models.get_head(untrained).parameters()}
+    backbone = torch.optim.AdamW(
+        [p for p in untrained.model.parameters() if id(p) not in head])
+    assert_incorrect(
+        exercises.discriminative_lrs.check(backbone, untrained),
+        "the head is not in the optimizer")
+    other = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    assert_incorrect(exercises.discriminative_lrs.check(other, untrained),
+                     "do not belong to `pretrained`")
+
+
+def test_discriminative_placeholder_is_not_attempted(untrained):
+    result = exercises.discriminative_lrs.check(..., untrained)
+    assert result.status == "not attempted"
+
+
+# --------------------------------------------------- unfreezing_schedule
+
+
+def test_unfreezing_solution_passes(untrained):
+    namespace = _solve(exercises.unfreezing_schedule, pretrained=untrained)
+    result = _check(exercises.unfreezing_schedule, namespace)
+    assert result.passed, result
+    assert "head -> neck -> stage7 -> stage6" in result.message
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    (dict(schedule=["head", "neck"], lr=1e-3), "only 1 of the groups"),
+    (dict(schedule={"head": 1, "neck": 2, "stage7": 2, "stage6": 3},
+          lr=1e-3), "both unfreeze at epoch 2"),
+    (dict(schedule={"head": 1, "neck": 1, "stage7": 2, "stage6": 3},
+          lr=1e-3), "neck also trains in epoch 1"),
+    (dict(schedule=["head", "neck", "stage7", "stage6"], lr=1e-3,
+          factor=1), "not slower than head"),
+    (dict(schedule=["head", "neck", "stage7", "stage6"], lr=0.1),
+     "too high destroys"),
+    (dict(schedule=["head", "stage7", "stage6", "stage5"], lr=1e-3),
+     "from the head down without gaps"),
+    (dict(schedule=["head", "neck", "stage7", "stage6"], lr=1e-3,
+          every=2), "one more group at each epoch"),
+])
+def test_unfreezing_mistakes_get_their_reason(untrained, kwargs, phrase):
+    schedule = training.GradualUnfreezing(**kwargs)
+    result = exercises.unfreezing_schedule.check(schedule, untrained)
+    assert_incorrect(result, phrase)
+
+
+def test_unfreezing_needs_a_schedule_object(untrained):
+    result = exercises.unfreezing_schedule.check({"head": 1}, untrained)
+    assert_incorrect(result, "must be a GradualUnfreezing")
+    result = exercises.unfreezing_schedule.check(..., untrained)
+    assert result.status == "not attempted"
+
+
+# --------------------------------------------------------- pick_strategy
+
+
+def test_pick_strategy_solution_and_spelling_variants_pass():
+    namespace = _solve(exercises.pick_strategy)
+    assert _check(exercises.pick_strategy, namespace).passed
+    loose = {"few_near": "Linear probe", "many_near": "fine-tuning",
+             "many_far": "from scratch", "tight_budget": "head only"}
+    assert exercises.pick_strategy.check(loose).passed
+
+
+def test_pick_strategy_explains_each_wrong_choice():
+    answers = dict(_solve(exercises.pick_strategy)["strategies"],
+                   few_near="full_fine_tuning")
+    result = exercises.pick_strategy.check(answers)
+    assert_incorrect(result, "1 of 4 scenarios needs another strategy",
+                     "few_near: with ten images per class")
+
+
+@pytest.mark.parametrize("answers, phrase", [
+    ({"few_near": "feature_extraction", "many_near": ...,
+      "many_far": ..., "tight_budget": ...}, "no strategy yet for"),
+    ({"few_near": "magic", "many_near": "last_k", "many_far": "last_k",
+      "tight_budget": "head_only"}, "'magic' is not a strategy"),
+    ({"tiny": "head_only"}, "unknown scenario"),
+    (["feature_extraction"], "must be a dict"),
+])
+def test_pick_strategy_malformed_answers(answers, phrase):
+    assert_incorrect(exercises.pick_strategy.check(answers), phrase)
+
+
+def test_pick_strategy_untouched_dict_is_not_attempted():
+    namespace = _placeholder(exercises.pick_strategy)
+    result = exercises.pick_strategy.check(namespace["strategies"])
+    assert result.status == "not attempted"
+
+
+def test_scenarios_table_lists_every_scenario():
+    rows = exercises.pick_strategy.scenarios()
+    assert [r["scenario"] for r in rows] == list(exercises.SCENARIOS)
+
+
+# ---------------------------------------- exercises on held-out images
+
+
+@pytest.fixture
+def smoke(monkeypatch):
+    monkeypatch.setenv("TLH_SMOKE", "1")
+
+
+def test_heldout_images_are_drawn_from_the_task_without_labels(smoke):
+    images, labels = exercises.capstone.heldout(exercises.GRADING_SEED)
+    task = exercises.capstone.task()
+    assert images.dtype == torch.uint8
+    assert images.shape[1:] == (task["image_size"], task["image_size"], 3)
+    assert labels.tolist() == [i % task["classes"]
+                               for i in range(len(labels))]
+    again, _ = exercises.capstone.heldout(exercises.GRADING_SEED)
+    assert torch.equal(images, again)
+    other, _ = exercises.capstone.heldout(exercises.CHECK_SEED)
+    assert not torch.equal(images, other)
+
+
+def test_linear_probe_judges_its_own_predictions_not_the_reported_number(
+        smoke):
+    labels = torch.arange(50) % 5
+    good = exercises.linear_probe._evidence(predictions=labels.clone())
+    assert exercises.linear_probe.grade(good, labels).passed
+    bad = exercises.linear_probe._evidence(
+        predictions=torch.zeros(50, dtype=torch.int64))
+    result = exercises.linear_probe.grade(_roundtrip(bad), labels)
+    assert_incorrect(result, "classifies 20% of 50 held-out images",
+                     "target 70%")
+
+
+def test_linear_probe_needs_a_probe(untrained):
+    result = exercises.linear_probe.check(0.95, untrained)
+    assert_incorrect(result, "must be what linear_probe(...) returns")
+    result = exercises.linear_probe.check(..., untrained)
+    assert result.status == "not attempted"
+
+
+@pytest.mark.slow
+def test_linear_probe_solution_passes_and_a_faked_accuracy_does_not(smoke):
+    from tlhelpers import data
+
+    pretrained = models.load_pretrained(image_size=96)
+    task = exercises.linear_probe.task()
+    train_ds = data.synthetic_images(**task, n_per_class=8, seed=0,
+                                     transform=pretrained.transform)
+    test_ds = data.synthetic_images(**task, n_per_class=4, seed=1,
+                                    transform=pretrained.transform)
+    namespace = _solve(exercises.linear_probe, pretrained=pretrained,
+                       train_ds=train_ds, test_ds=test_ds)
+    assert _check(exercises.linear_probe, namespace).passed
+    random_net = models.load_pretrained(weights=None, image_size=96)
+    cheat = _solve(exercises.linear_probe, pretrained=random_net,
+                   train_ds=train_ds, test_ds=test_ds)["probe"]
+    cheat.accuracy = 1.0  # a reported number is never trusted
+    result = exercises.linear_probe.check(cheat, random_net)
+    assert_incorrect(result, "held-out images")
+
+
+@pytest.fixture(scope="module")
+def imagenet_lite0():
+    return models.load_pretrained(num_classes=5, image_size=64)
+
+
+def _capstone_evidence(model, predictions):
+    images, _ = exercises.capstone.heldout(exercises.CHECK_SEED)
+    evidence = exercises.capstone.collect(
+        {"final_model": model}, exercises._to_pil(images))
+    evidence["predictions"] = predictions
+    return _roundtrip(evidence)
+
+
+def test_capstone_passes_a_fine_tuned_pretrained_model_that_classifies(
+        smoke, imagenet_lite0):
+    model = copy.deepcopy(imagenet_lite0)
+    with torch.no_grad():  # as if stage7 had been fine-tuned
+        for p in model.model.blocks[-1].parameters():
+            p.add_(0.001)
+    labels = torch.arange(50) % 5
+    result = exercises.capstone.grade(
+        _capstone_evidence(model, labels.clone()), labels)
+    assert result.passed, result
+    assert result.points == 2.0
+    assert "100% of 50 held-out images" in result.message
+
+
+def test_capstone_rejects_feature_extraction_and_random_starts(
+        smoke, imagenet_lite0):
+    labels = torch.arange(50) % 5
+    frozen = _capstone_evidence(copy.deepcopy(imagenet_lite0), labels)
+    assert_incorrect(exercises.capstone.grade(frozen, labels),
+                     "still has exactly its ImageNet weights")
+    scratch = models.load_pretrained(num_classes=5, weights=None,
+                                     image_size=64)
+    result = exercises.capstone.grade(
+        _capstone_evidence(scratch, labels), labels)
+    assert_incorrect(result, "did not start from the ImageNet weights")
+
+
+def test_capstone_measures_accuracy_on_the_heldout_images(
+        smoke, imagenet_lite0):
+    model = copy.deepcopy(imagenet_lite0)
+    with torch.no_grad():
+        model.model.conv_head.weight.mul_(1.01)
+    labels = torch.arange(50) % 5
+    evidence = _capstone_evidence(model, torch.zeros(50, dtype=torch.int64))
+    assert_incorrect(exercises.capstone.grade(evidence, labels),
+                     "classifies 20% of 50", "target 70%")
+
+
+def test_capstone_needs_a_new_head_and_an_answer(smoke):
+    imagenet = models.load_pretrained(weights=None, image_size=64)
+    assert_incorrect(exercises.capstone.check(imagenet), "predicts 1000 "
+                                                         "classes")
+    assert exercises.capstone.check(...).status == "not attempted"
+
+
+@pytest.mark.slow
+def test_capstone_solution_reaches_the_target(smoke):
+    namespace = _solve(exercises.capstone)
+    result = _check(exercises.capstone, namespace)
+    assert result.passed, result
+
+
+# ------------------------------------------------------ evidence on disk
+
+
+def test_evidence_survives_a_safe_save_and_load(untrained):
+    """The grader loads evidence with weights_only=True: plain data only."""
+    for exercise, namespace in (
+            (exercises.freeze_backbone, _solve(exercises.freeze_backbone,
+                                               pretrained=untrained)),
+            (exercises.discriminative_lrs, _solve(
+                exercises.discriminative_lrs, pretrained=untrained)),
+            (exercises.unfreezing_schedule, _solve(
+                exercises.unfreezing_schedule, pretrained=untrained)),
+            (exercises.pick_strategy, _solve(exercises.pick_strategy)),
+            (exercises.load_with_preprocessing, _solve(
+                exercises.load_with_preprocessing, pretrained=untrained))):
+        evidence = exercise.collect(namespace)
+        assert exercise.grade(_roundtrip(evidence)).passed, exercise.name
+
+
+def test_record_answers_saves_evidence_per_exercise(tmp_path, untrained):
+    namespace = _solve(exercises.freeze_backbone, pretrained=untrained)
+    namespace["strategies"] = ...
+    exercises.record_answers(["freeze_backbone", "pick_strategy"],
+                             namespace, tmp_path, suffix=".final")
+    saved = torch.load(tmp_path / "freeze_backbone.final.pt",
+                       weights_only=True)
+    assert exercises.freeze_backbone.grade(saved).passed
+    placeholder = torch.load(tmp_path / "pick_strategy.final.pt",
+                             weights_only=True)
+    assert placeholder["attempted"] is False
+
+
+def test_record_answers_without_heldout_images_records_an_error(tmp_path):
+    exercises.record_answers(["capstone"], {"final_model": object()},
+                             tmp_path, heldout=tmp_path / "missing")
+    saved = torch.load(tmp_path / "capstone.pt", weights_only=True)
+    assert "held-out images are missing" in saved["error"]
+
+
+# ---------------------------------------------------- notebook cells
+
+
+def _cell(source, tags=()):
+    return {"cell_type": "code", "metadata": {"tags": list(tags)},
+            "source": source, "outputs": [], "execution_count": None}
+
+
+def _course_notebook(check=None):
+    ex = exercises.freeze_backbone
+    return {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        _cell("x = 1"),
+        _cell(ex.placeholder, ["exercise:freeze_backbone"]),
+        _cell(check if check is not None else
+              f"# check your answer\n{ex.check_source}\n"
+              "# exercises.freeze_backbone.hint()",
+              ["check:freeze_backbone"])]}
+
+
+def test_exercise_cells_finds_answer_and_check_cells_by_tag():
+    cells = exercises.exercise_cells(_course_notebook())
+    assert cells == {"freeze_backbone": {"exercise": [1], "check": [2]}}
+
+
+def test_normalise_code_ignores_comments_spaces_and_semicolons():
+    assert (exercises.normalise_code("# hi\nf( a, b );  # note\n\n")
+            == "f(a,b)")
+
+
+def test_fill_solutions_replaces_only_answer_cells(tmp_path):
+    source = tmp_path / "03_fine_tuning.ipynb"
+    source.write_text(json.dumps(_course_notebook()))
+    out = exercises.fill_solutions(source, tmp_path / "out" / "filled.ipynb")
+    nb = json.loads(out.read_text())
+    texts = ["".join(c["source"]) for c in nb["cells"]]
+    assert texts[0] == "x = 1"
+    assert texts[1] == exercises.freeze_backbone.solution_code
+    assert "check(frozen_model)" in texts[2]
+    assert json.loads(source.read_text()) == _course_notebook()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["filled.ipynb"]
+
+
+@pytest.mark.parametrize("check, phrase", [
+    ("print('correct')", "the check cell must run"),
+])
+def test_fill_solutions_refuses_a_notebook_that_breaks_the_convention(
+        tmp_path, check, phrase):
+    source = tmp_path / "nb.ipynb"
+    source.write_text(json.dumps(_course_notebook(check)))
+    with pytest.raises(ValueError, match=phrase):
+        exercises.fill_solutions(source, tmp_path / "out.ipynb")
+    assert not (tmp_path / "out.ipynb").exists()
+
+
+def test_convention_problems_name_unknown_and_missing_cells():
+    nb = _course_notebook()
+    nb["cells"].pop()
+    nb["cells"].append(_cell("pass", ["exercise:freeze_the_head"]))
+    problems = exercises.check_cell_problems(nb)
+    assert any("0 cells tagged check:freeze_backbone" in p
+               for p in problems)
+    assert any("unknown exercise 'freeze_the_head'" in p for p in problems)

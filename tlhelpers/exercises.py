@@ -1,0 +1,1446 @@
+"""Exercises the notebooks check: check(), hint() and solution().
+
+Each exercise is an object named after what it practises, reached through
+this module: ``exercises.freeze_backbone.check(frozen_model)``.
+
+- ``check(...)`` never raises (unless strict mode is on): it prints
+  "correct", "incorrect: <why>" or "not attempted" (the answer is still the
+  ``...`` placeholder) and returns a Result (status, message, points).
+  Strict mode (TLH_STRICT=1, see config.strict_mode) raises AssertionError
+  on anything but "correct"; CI runs the reference solutions with it.
+- ``hint()`` prints a hint; ``solution()`` prints the reference answer,
+  whose code is also ``.solution_code``.
+
+A check happens in two steps, so that a grader can split them between
+processes: ``collect`` turns the learner's objects into *evidence* (plain
+numbers, strings, lists, dicts and tensors, safe to save and to load with
+``torch.load(weights_only=True)``), and ``grade`` judges evidence without
+the learner's objects. Exercises graded on held-out images get the images
+without their labels; only ``grade`` sees the labels.
+
+Notebook convention:
+- the answer cell carries the tag ``exercise:<name>`` and starts as the
+  exercise's ``placeholder`` (``frozen_model = ...  # YOUR CODE``);
+- the check cell carries the tag ``check:<name>`` and holds
+  ``exercise.check_source`` (comments may be added around it);
+- ``fill_solutions(notebook, out)`` replaces every answer cell with its
+  reference solution (CI runs that copy in strict mode).
+"""
+
+import copy
+import json
+import math
+import re
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from tlhelpers import config
+
+STATUSES = ("correct", "incorrect", "not attempted")
+EXERCISE_TAG = "exercise:"
+CHECK_TAG = "check:"
+# Seeds of the held-out images: one for checks inside the notebook, one the
+# grader uses by default (an instructor can choose another, see grading).
+CHECK_SEED = 20_000
+GRADING_SEED = 30_000
+# Values sampled from each weight tensor to tell whether it moved away
+# from the pretrained weights (the capstone).
+FINGERPRINT_VALUES = 512
+_MISSING = object()
+
+
+class _Incorrect(Exception):
+    """The answer is wrong; the message says why, to the learner."""
+
+
+class _Usage(Exception):
+    """check() was called with the wrong arguments."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one check: status, why, and the points it earns."""
+
+    exercise: str
+    status: str
+    message: str = ""
+    points: float = 0.0
+    max_points: float = 1.0
+
+    @property
+    def passed(self):
+        """True when the answer is correct."""
+        return self.status == "correct"
+
+    def __str__(self):
+        sep = ". " if self.passed else ": "
+        text = f"{self.exercise}: {self.status}"
+        return text + (sep + self.message if self.message else "")
+
+    def report(self):
+        """Return the text check() prints: status, reason, points, help."""
+        lines = [f"{self} [{self.points:g}/{self.max_points:g} points]"]
+        if self.status == "incorrect":
+            lines.append(f"Stuck? exercises.{self.exercise}.hint() or "
+                         f"exercises.{self.exercise}.solution()")
+        return "\n".join(lines)
+
+    def as_dict(self):
+        """Return plain data (for gradebooks and JSON)."""
+        return {"exercise": self.exercise, "status": self.status,
+                "message": self.message, "points": self.points,
+                "max_points": self.max_points}
+
+    def _ipython_display_(self):
+        # check() has already printed this result; showing the returned
+        # object again as the cell's output would only repeat it.
+        pass
+
+
+# ------------------------------------------------------------- base class
+
+
+class Exercise:
+    """One exercise: its statement, its check, a hint and a solution.
+
+    Subclasses set the class attributes and implement _collect (learner's
+    objects -> evidence) and _judge (evidence -> message, or _Incorrect).
+    """
+
+    name = ""
+    notebook = ""          # the course notebook that hosts it
+    title = ""
+    statement = ""         # the task, in markdown, for the notebook
+    answers = ()           # variables the learner's answer cell assigns
+    args = ()              # variables check() receives: answers first
+    needs = ()             # variables the solution uses from earlier cells
+    placeholder = ""       # the answer cell as shipped
+    hint_text = ""
+    solution_code = ""
+    points = 1.0
+    task_spec = None       # synthetic_images() arguments, if graded on
+    #                        held-out images; image_size is (full, smoke)
+    heldout_per_class = (20, 10)   # (full, smoke)
+    target = None          # accuracy to reach, (full, smoke)
+
+    # -- the learner's side
+
+    @property
+    def check_source(self):
+        """Return the one line the check cell runs."""
+        return f"exercises.{self.name}.check({', '.join(self.args)})"
+
+    def check(self, *args, **kwargs):
+        """Check an answer: print the status and return a Result.
+
+        Never raises unless strict mode (TLH_STRICT=1) is on, where
+        anything but "correct" raises AssertionError.
+        """
+        try:
+            values = self._bind(args, kwargs)
+            images = labels = None
+            answered = not any(values[a] is ... or values[a] is None
+                               for a in self.answers)
+            if self.task_spec is not None and answered:
+                images, labels = self.heldout(CHECK_SEED)
+                images = _to_pil(images)
+            evidence = self.collect(values, images)
+            result = self.grade(evidence, labels)
+        except _Usage as err:
+            result = self._result("incorrect", str(err))
+        except Exception as err:  # a check must never break the notebook
+            result = self._result(
+                "incorrect", f"could not check your answer "
+                f"({type(err).__name__}: {err})")
+        if config.strict_mode() and not result.passed:
+            raise AssertionError(str(result))
+        print(result.report())
+        return result
+
+    def hint(self):
+        """Print a hint."""
+        print(f"Hint ({self.name}): {self.hint_text}")
+
+    def solution(self):
+        """Print the reference solution (also in .solution_code)."""
+        print(f"Solution ({self.name}):\n\n{self.solution_code}")
+
+    def __repr__(self):
+        return (f"<exercise {self.name!r} ({self.notebook}): {self.title}; "
+                f"check: {self.check_source}>")
+
+    def task(self):
+        """Return the synthetic_images() arguments of the graded task."""
+        if self.task_spec is None:
+            raise ValueError(f"exercise {self.name!r} is not graded on "
+                             "held-out images: it has no task")
+        spec = dict(self.task_spec)
+        spec["image_size"] = config.by_mode(*spec["image_size"])
+        return spec
+
+    def heldout(self, seed):
+        """Draw the held-out images and labels the answer is graded on.
+
+        Returns:
+            (images uint8 [N, H, W, 3], labels int64 [N]) tensors.
+        """
+        import numpy as np
+        import torch
+
+        from tlhelpers import data
+
+        ds = data.synthetic_images(
+            **self.task(), n_per_class=config.by_mode(*self.heldout_per_class),
+            seed=seed)
+        images = torch.from_numpy(np.stack(
+            [np.asarray(ds.render(i), dtype=np.uint8)
+             for i in range(len(ds))]))
+        return images, torch.tensor(ds.targets, dtype=torch.int64)
+
+    # -- the two halves of a check
+
+    def collect(self, values, images=None):
+        """Turn the learner's objects into evidence (never raises).
+
+        Args:
+            values: {variable name: object}, e.g. a notebook's globals().
+            images: held-out PIL images, for exercises graded on them.
+        """
+        found = {}
+        for arg in self.args:
+            value = values.get(arg, _MISSING)
+            if arg in self.answers:
+                if value is _MISSING:
+                    return self._not_attempted(
+                        f"`{arg}` is not defined: run the exercise cell "
+                        f"(`{arg} = ...`)")
+                if value is ... or value is None:
+                    return self._not_attempted(
+                        f"`{arg}` is still the placeholder: replace the "
+                        "`...` in the exercise cell with your answer")
+            elif value is _MISSING:
+                return self._evidence(error=(
+                    f"`{arg}` is not defined: run the notebook's cells "
+                    "above the exercise first"))
+            found[arg] = value
+        if self.task_spec is not None:
+            found["images"] = images
+        try:
+            facts = self._collect(**found)
+        except _Incorrect as err:
+            return self._evidence(error=str(err))
+        except Exception as err:  # the learner's object failed
+            return self._evidence(error=(
+                f"checking your answer raised {type(err).__name__}: {err}"))
+        if facts.get("attempted") is False:
+            return self._not_attempted(facts["message"])
+        return self._evidence(**facts)
+
+    def grade(self, evidence, labels=None):
+        """Judge evidence from collect(); return a Result (never raises).
+
+        Args:
+            labels: the true classes of the held-out images, if any.
+        """
+        try:
+            if not evidence.get("attempted"):
+                return self._result("not attempted",
+                                    evidence.get("message", ""))
+            if evidence.get("error"):
+                return self._result("incorrect", evidence["error"])
+            return self._result("correct", self._judge(evidence, labels))
+        except _Incorrect as err:
+            return self._result("incorrect", str(err))
+        except Exception as err:
+            return self._result(
+                "incorrect", f"could not check this answer "
+                f"({type(err).__name__}: {err})")
+
+    def _collect(self, **values):
+        raise NotImplementedError
+
+    def _judge(self, evidence, labels):
+        raise NotImplementedError
+
+    # -- helpers
+
+    def _bind(self, args, kwargs):
+        call = ", ".join(self.args)
+        if len(args) > len(self.args):
+            raise _Usage(f"check() takes {len(self.args)} argument(s), got "
+                         f"{len(args)}: use {self.check_source}")
+        values = dict(zip(self.args, args))
+        for key, value in kwargs.items():
+            if key not in self.args or key in values:
+                raise _Usage(f"check() got an unexpected argument {key!r}: "
+                             f"use exercises.{self.name}.check({call})")
+            values[key] = value
+        missing = [a for a in self.args if a not in values]
+        if missing:
+            raise _Usage(f"check() needs {', '.join(missing)} too: use "
+                         f"{self.check_source}")
+        return values
+
+    def _evidence(self, **facts):
+        return {"exercise": self.name, "attempted": True, "error": None,
+                **facts}
+
+    def _not_attempted(self, message):
+        return {"exercise": self.name, "attempted": False,
+                "message": message}
+
+    def _result(self, status, message):
+        return Result(self.name, status, message,
+                      self.points if status == "correct" else 0.0,
+                      self.points)
+
+    def _target(self):
+        return config.by_mode(*self.target)
+
+
+# ---------------------------------------------------------- shared pieces
+
+
+def _to_pil(images):
+    """Turn a uint8 [N, H, W, 3] tensor into a list of PIL images."""
+    from PIL import Image
+
+    return [Image.fromarray(a.numpy()) for a in images]
+
+
+def _pretrained_parts(value, var):
+    """Return (name, nn.Module) of a Pretrained, or explain what is wrong."""
+    from torch import nn
+
+    model = getattr(value, "model", None)
+    name = getattr(value, "name", None)
+    if isinstance(model, nn.Module) and isinstance(name, str):
+        return name, model
+    if isinstance(value, nn.Module):
+        raise _Incorrect(
+            f"`{var}` is an nn.Module; give the whole object that "
+            "load_pretrained returns (it knows its name, groups and "
+            "preprocessing), not its .model")
+    raise _Incorrect(f"`{var}` must be the object load_pretrained returns, "
+                     f"got {type(value).__name__}")
+
+
+def _skeleton(name):
+    """Build an untrained copy of a registered model (no download)."""
+    from tlhelpers import models
+
+    if name not in models.MODEL_NAMES:
+        raise _Incorrect(f"unknown model {name!r}: use one of "
+                         f"{', '.join(models.MODEL_NAMES)}")
+    return models.load_pretrained(name, weights=None)
+
+
+def _group_of_param(name):
+    """Return ({parameter name: layer group}, [group names]) of a model."""
+    from tlhelpers import models
+
+    net = _skeleton(name).model
+    groups = models.layer_groups(net)
+    owner = {}
+    for group, modules in groups.items():
+        for module in modules:
+            for p in module.parameters():
+                owner.setdefault(id(p), group)
+    mapping = {pname: owner[id(p)] for pname, p in net.named_parameters()
+               if id(p) in owner}
+    return mapping, list(groups)
+
+
+def _listing(names, limit=4):
+    """Join names for a sentence: "a", "a and b", "a, b, c and 2 more"."""
+    names = [str(n) for n in names]
+    if len(names) > limit:
+        return ", ".join(names[:limit]) + f" and {len(names) - limit} more"
+    if len(names) > 1:
+        return ", ".join(names[:-1]) + " and " + names[-1]
+    return "".join(names)
+
+
+def _rate(lr):
+    return f"{lr:.2g}"
+
+
+def _forward_images(pil_images, transform, net, batch_size=32):
+    """Return the network's outputs [N, ...] for PIL images, in eval mode."""
+    import torch
+
+    was_training = net.training
+    net.eval()
+    outputs = []
+    try:
+        device = next(net.parameters()).device
+        with torch.no_grad():
+            for start in range(0, len(pil_images), batch_size):
+                chunk = pil_images[start:start + batch_size]
+                batch = torch.stack([transform(im) for im in chunk])
+                outputs.append(net(batch.to(device)))
+    finally:
+        net.train(was_training)
+    return torch.cat(outputs).float().cpu()
+
+
+def _accuracy_message(evidence, labels, target, what):
+    preds = evidence["predictions"]
+    if labels is None or len(preds) != len(labels):
+        raise _Incorrect("the held-out predictions are incomplete")
+    acc = (preds == labels).float().mean().item()
+    text = (f"{what} {acc:.0%} of {len(labels)} held-out images the "
+            f"checker drew (target {target:.0%})")
+    if acc < target:
+        raise _Incorrect(text)
+    return text
+
+
+# ----------------------------------------------------------- the exercises
+
+# Two flat colours whose preprocessed values give away the normalisation.
+FLAT_COLOURS = ((32, 128, 224), (224, 64, 96))
+
+
+def _probe_images():
+    """Return two flat colours and one smooth, lopsided picture.
+
+    Any resize or crop keeps a flat colour flat, so the normalisation can
+    be read off exactly; the picture shows flips, odd crops and random
+    augmentation.
+    """
+    import numpy as np
+    from PIL import Image
+
+    flat_a = Image.new("RGB", (300, 200), FLAT_COLOURS[0])
+    flat_b = Image.new("RGB", (300, 200), FLAT_COLOURS[1])
+    y, x = np.mgrid[0:240, 0:320]
+    x, y = x / 319.0, y / 239.0
+    blob = np.exp(-((x - 0.3) ** 2 + (y - 0.35) ** 2) / 0.05)
+    pixels = np.stack([x, y ** 2, blob], axis=-1)
+    picture = Image.fromarray((pixels * 255).round().astype(np.uint8))
+    return flat_a, flat_b, picture
+
+
+class LoadWithPreprocessing(Exercise):
+    """Build the preprocessing that matches a model's weights."""
+
+    name = "load_with_preprocessing"
+    notebook = "01_pretrained_models"
+    title = "Load a model with its matching preprocessing"
+    statement = (
+        "A pretrained model is only half loaded until you have its "
+        "preprocessing. Build `preprocess`, the transform that turns a PIL "
+        "image into the tensor `pretrained.model` expects: a square of "
+        "`pretrained.meta['input_size']` pixels (resize the short side, "
+        "then centre-crop), converted to a float tensor and normalised "
+        "with the mean and standard deviation the weights were trained "
+        "with (`pretrained.meta['mean']`, `pretrained.meta['std']`). "
+        "Build it with `torchvision.transforms` from the metadata "
+        "(`pretrained.transform` is the answer key).")
+    answers = ("preprocess",)
+    args = ("preprocess", "pretrained")
+    needs = ("pretrained",)
+    placeholder = (
+        "# Build the preprocessing the weights of `pretrained` expect.\n"
+        "preprocess = ...  # YOUR CODE: a transforms.Compose([...])\n")
+    hint_text = (
+        "transforms.Compose([transforms.Resize(size), "
+        "transforms.CenterCrop(size), transforms.ToTensor(), "
+        "transforms.Normalize(mean, std)]) with size = "
+        "pretrained.meta['input_size'][-1] and mean and std from "
+        "pretrained.meta. Not every model uses ImageNet's usual mean "
+        "(0.485, 0.456, 0.406): read them from the metadata.")
+    solution_code = textwrap.dedent("""\
+        from torchvision import transforms
+
+        size = pretrained.meta["input_size"][-1]  # the side the weights saw
+        preprocess = transforms.Compose([
+            transforms.Resize(size),             # short side to `size`
+            transforms.CenterCrop(size),         # then the central square
+            transforms.ToTensor(),               # 0-255 pixels -> 0-1 floats
+            transforms.Normalize(pretrained.meta["mean"],
+                                 pretrained.meta["std"]),
+        ])
+        """)
+
+    def _collect(self, preprocess, pretrained):
+        import torch
+        from PIL import Image
+
+        if not callable(preprocess):
+            raise _Incorrect("`preprocess` must be a transform (something "
+                             "you call on a PIL image), got "
+                             f"{type(preprocess).__name__}")
+        name, _ = _pretrained_parts(pretrained, "pretrained")
+        size = int(pretrained.meta["input_size"][-1])
+        flat_a, flat_b, picture = _probe_images()
+        outputs = []
+        for image in (flat_a, flat_b, picture, picture):
+            out = preprocess(image.copy())
+            if not isinstance(out, torch.Tensor):
+                kind = ("PIL image" if isinstance(out, Image.Image)
+                        else type(out).__name__)
+                raise _Incorrect(
+                    f"preprocess(image) returned a {kind}, not a tensor: "
+                    "end with transforms.ToTensor() and "
+                    "transforms.Normalize(...)")
+            outputs.append(out.detach().cpu().clone())
+        return {"model": name, "image_size": size, "outputs": outputs}
+
+    def _judge(self, evidence, labels):
+        import torch
+
+        from tlhelpers import models
+
+        size, name = evidence["image_size"], evidence["model"]
+        outputs = evidence["outputs"]
+        for out in outputs:
+            _check_image_tensor(out, size)
+        ref = models.load_pretrained(name, weights=None, image_size=size)
+        mean = torch.tensor(ref.meta["mean"], dtype=torch.float64)
+        std = torch.tensor(ref.meta["std"], dtype=torch.float64)
+        if not torch.equal(outputs[2], outputs[3]):
+            raise _Incorrect(
+                "preprocess is random: two calls on the same image give "
+                "different tensors. Random crops and flips are training "
+                "augmentation; predictions need a fixed Resize + "
+                "CenterCrop")
+        got_mean, got_std = _implied_normalisation(outputs[0], outputs[1])
+        if not (torch.allclose(got_mean, mean, atol=0.02)
+                and torch.allclose(got_std, std, rtol=0.05)):
+            zeros = torch.zeros(3, dtype=torch.float64)
+            if (torch.allclose(got_mean, zeros, atol=0.02)
+                    and torch.allclose(got_std, zeros + 1, rtol=0.05)):
+                raise _Incorrect(
+                    "the values run from 0 to 1: the image is not "
+                    "normalised. Add transforms.Normalize(mean, std) with "
+                    f"the weights' mean {_triple(mean)} and std "
+                    f"{_triple(std)} (pretrained.meta)")
+            imagenet = (torch.allclose(got_mean, torch.tensor(
+                models.IMAGENET_MEAN, dtype=torch.float64), atol=0.02)
+                and not torch.allclose(mean, got_mean, atol=0.02))
+            extra = (" ImageNet's usual values do not fit these weights:"
+                     " read them from pretrained.meta" if imagenet else "")
+            raise _Incorrect(
+                f"the normalisation does not match the weights: your "
+                f"preprocessing uses mean {_triple(got_mean)} and std "
+                f"{_triple(got_std)}, the {name} weights expect mean "
+                f"{_triple(mean)} and std {_triple(std)}.{extra}")
+        reference = ref.transform(_probe_images()[2]).double()
+        corr = torch.corrcoef(torch.stack(
+            [outputs[2].double().flatten(), reference.flatten()]))[0, 1]
+        if not corr >= 0.9:
+            raise _Incorrect(
+                "the picture comes out different from the weights' "
+                f"preprocessing (correlation {corr:.2f}): resize the "
+                "short side, centre-crop, and do not flip or rotate")
+        return (f"preprocess makes [3, {size}, {size}] tensors with the "
+                f"weights' normalisation (mean {_triple(mean)}, std "
+                f"{_triple(std)})")
+
+
+def _triple(values):
+    return "(" + ", ".join(f"{float(v):.3g}" for v in values) + ")"
+
+
+def _check_image_tensor(out, size):
+    shape = tuple(out.shape)
+    if not out.is_floating_point():
+        raise _Incorrect(
+            f"preprocess returns {out.dtype} values: use "
+            "transforms.ToTensor(), which gives floats from 0 to 1, "
+            "before Normalize")
+    if out.ndim == 4 and shape[0] == 1:
+        raise _Incorrect(
+            f"preprocess returns a batch {list(shape)}: return one image "
+            "[3, H, W]; batches are stacked later")
+    if out.ndim == 3 and shape[-1] == 3 and shape[0] != 3:
+        raise _Incorrect(
+            f"preprocess returns channels last {list(shape)}: the model "
+            "needs [3, H, W] (ToTensor() puts channels first)")
+    if out.ndim != 3 or shape[0] != 3:
+        raise _Incorrect(
+            f"preprocess returns a tensor of shape {list(shape)}; the "
+            f"model needs one RGB image [3, {size}, {size}]")
+    if shape[1:] != (size, size):
+        raise _Incorrect(
+            f"preprocess makes {shape[1]}x{shape[2]} images; the model "
+            f"was loaded for {size}x{size} "
+            "(pretrained.meta['input_size']): resize and centre-crop to "
+            "that size")
+
+
+def _implied_normalisation(out_a, out_b):
+    """Read (mean, std) off the outputs for the two flat colours."""
+    import torch
+
+    colour_a = torch.tensor(FLAT_COLOURS[0], dtype=torch.float64) / 255
+    colour_b = torch.tensor(FLAT_COLOURS[1], dtype=torch.float64) / 255
+    y_a = out_a.double().mean(dim=(1, 2))
+    y_b = out_b.double().mean(dim=(1, 2))
+    if torch.any((y_a - y_b).abs() < 1e-9):
+        raise _Incorrect("preprocess gives the same values for different "
+                         "colours: it must keep the picture")
+    std = (colour_a - colour_b) / (y_a - y_b)
+    return colour_a - std * y_a, std
+
+
+class FreezeBackbone(Exercise):
+    """Freeze every layer group except the new head."""
+
+    name = "freeze_backbone"
+    notebook = "03_fine_tuning"
+    title = "Freeze the backbone, train the new head"
+    statement = (
+        "Make `frozen_model`, a copy of `pretrained` (which already has a "
+        "new head for our classes) in which every parameter is frozen "
+        "except those of the new head. Set `requires_grad` yourself (or "
+        "call `freeze()`, which also keeps BatchNorm statistics fixed).")
+    answers = ("frozen_model",)
+    args = ("frozen_model",)
+    needs = ("pretrained",)
+    placeholder = (
+        "# A copy of `pretrained` where only the new head can learn.\n"
+        "frozen_model = ...  # YOUR CODE\n")
+    hint_text = (
+        "Start from frozen_model = copy.deepcopy(pretrained). Set "
+        "requires_grad = False on every parameter of frozen_model.model, "
+        "then requires_grad = True on the parameters of "
+        "get_head(frozen_model) (from tlhelpers.models).")
+    solution_code = textwrap.dedent("""\
+        import copy
+
+        from tlhelpers.models import get_head
+
+        frozen_model = copy.deepcopy(pretrained)
+        for param in frozen_model.model.parameters():
+            param.requires_grad = False      # freeze the whole network...
+        for param in get_head(frozen_model).parameters():
+            param.requires_grad = True       # ...then free the new head
+        # freeze(frozen_model) does the same, and keeps the frozen
+        # BatchNorm layers' statistics fixed too.
+        """)
+
+    def _collect(self, frozen_model):
+        name, net = _pretrained_parts(frozen_model, "frozen_model")
+        return {"model": name, "params": [
+            [pname, bool(p.requires_grad), list(p.shape)]
+            for pname, p in net.named_parameters()]}
+
+    def _judge(self, evidence, labels):
+        owner, groups = _group_of_param(evidence["model"])
+        head = groups[-1]
+        params = evidence["params"]
+        unknown = [p for p, _, _ in params if p not in owner]
+        if unknown:
+            raise _Incorrect(
+                f"frozen_model has layers a {evidence['model']} does not "
+                f"have ({_listing(unknown)}): start from a copy of "
+                "`pretrained`")
+        head_params = [(p, trains, shape) for p, trains, shape in params
+                       if owner[p] == head]
+        outputs = [shape[0] for p, _, shape in head_params
+                   if p.endswith("weight")]
+        if outputs and outputs[0] == 1000:
+            raise _Incorrect(
+                "the head still predicts ImageNet's 1000 classes: start "
+                "from `pretrained`, which has a new head for our classes "
+                "(load_pretrained(..., num_classes=...))")
+        frozen_head = [p for p, trains, _ in head_params if not trains]
+        if len(frozen_head) == len(head_params):
+            raise _Incorrect(
+                "the new head is frozen: the optimizer has nothing to "
+                "train. Set requires_grad = True on the head's parameters "
+                "(get_head(frozen_model))")
+        if frozen_head:
+            raise _Incorrect(
+                f"part of the new head is frozen ({_listing(frozen_head)})"
+                ": the whole head must train")
+        backbone = [(p, trains, shape) for p, trains, shape in params
+                    if owner[p] != head]
+        moving = [(p, shape) for p, trains, shape in backbone if trains]
+        if moving:
+            count = sum(math.prod(shape) for _, shape in moving)
+            where = sorted({owner[p] for p, _ in moving}, key=groups.index)
+            if len(moving) == len(backbone):
+                raise _Incorrect(
+                    f"nothing is frozen: all {count:,} backbone parameters "
+                    "still train. Set requires_grad = False on every "
+                    "parameter outside the head")
+            if all(len(shape) == 1 for _, shape in moving):
+                raise _Incorrect(
+                    f"the BatchNorm scales and shifts (or biases) of "
+                    f"{_listing(where)} still train ({count:,} "
+                    "parameters): freeze them too (freeze(model) does, "
+                    "with its default train_bn=False)")
+            raise _Incorrect(
+                f"the backbone still trains in {_listing(where)} "
+                f"({count:,} parameters): freeze every group except the "
+                "head")
+        total = sum(math.prod(shape) for _, _, shape in params)
+        head_count = sum(math.prod(shape) for _, _, shape in head_params)
+        return (f"only the head trains: {head_count:,} of {total:,} "
+                f"parameters ({head_count / total:.2%})")
+
+
+class LinearProbe(Exercise):
+    """Train a linear probe on frozen features; reach the target."""
+
+    name = "linear_probe"
+    notebook = "02_feature_extraction"
+    title = "Features and a linear probe"
+    statement = (
+        "Extract features of `train_ds` and `test_ds` with the frozen "
+        "backbone of `pretrained`, then train a linear probe on them. "
+        "`probe` must be what `linear_probe` returns. The check measures "
+        "your probe itself on held-out images it draws (the accuracy your "
+        "probe reports is not used); it must reach the target accuracy.")
+    answers = ("probe",)
+    args = ("probe", "pretrained")
+    needs = ("pretrained", "train_ds", "test_ds")
+    placeholder = (
+        "# Features from the frozen backbone, then a linear classifier.\n"
+        "probe = ...  # YOUR CODE: probe = linear_probe(...)\n")
+    hint_text = (
+        "extract_features(pretrained, train_ds) gives Features; do the "
+        "same for test_ds, then probe = linear_probe(train_features, "
+        "test_features). Both functions are in tlhelpers.features.")
+    solution_code = textwrap.dedent("""\
+        from tlhelpers.features import extract_features, linear_probe
+
+        train_features = extract_features(pretrained, train_ds,
+                                          progress=False)
+        test_features = extract_features(pretrained, test_ds,
+                                         progress=False)
+        probe = linear_probe(train_features, test_features)
+        """)
+    task_spec = MappingProxyType({"kind": "shapes", "classes": 5,
+                                  "domain": "photo",
+                                  "image_size": (128, 64)})
+    target = (0.8, 0.7)
+
+    def _collect(self, probe, pretrained, images):
+        import torch
+        from torch import nn
+
+        from tlhelpers import models
+
+        _pretrained_parts(pretrained, "pretrained")
+        classifier = getattr(probe, "classifier", None)
+        if classifier is None:
+            raise _Incorrect(
+                "`probe` must be what linear_probe(...) returns, got "
+                f"{type(probe).__name__}")
+        net = models.feature_extractor(pretrained)
+        feats = _forward_images(images, pretrained.transform, net)
+        if isinstance(classifier, nn.Module):
+            with torch.no_grad():
+                scores = classifier(feats.to(next(
+                    classifier.parameters()).device)).cpu()
+            preds = scores.argmax(1)
+        elif hasattr(classifier, "predict"):
+            preds = torch.as_tensor(classifier.predict(feats.numpy()))
+        else:
+            raise _Incorrect("the probe's classifier cannot predict: "
+                             "build `probe` with linear_probe(...)")
+        return {"predictions": preds.to(torch.int64).flatten()}
+
+    def _judge(self, evidence, labels):
+        return _accuracy_message(evidence, labels, self._target(),
+                                 "the probe classifies")
+
+
+class DiscriminativeLRs(Exercise):
+    """Give the backbone lower learning rates than the head."""
+
+    name = "discriminative_lrs"
+    notebook = "03_fine_tuning"
+    title = "Discriminative learning rates"
+    statement = (
+        "Build `optimizer`, an AdamW optimizer that trains all of "
+        "`pretrained`: the new head with a learning rate of 1e-3 and the "
+        "pretrained backbone with a lower rate (ten times lower is a good "
+        "start). Put the head and the backbone in separate parameter "
+        "groups.")
+    answers = ("optimizer",)
+    args = ("optimizer", "pretrained")
+    needs = ("pretrained",)
+    placeholder = (
+        "# Lower learning rates for the pretrained layers than the head.\n"
+        "optimizer = ...  # YOUR CODE: torch.optim.AdamW([...])\n")
+    hint_text = (
+        "Give torch.optim.AdamW a list of two parameter groups: "
+        "{'params': backbone_params, 'lr': 1e-4} and {'params': "
+        "head_params, 'lr': 1e-3}. get_head(pretrained).parameters() are "
+        "the head's; every other parameter of pretrained.model is the "
+        "backbone's.")
+    solution_code = textwrap.dedent("""\
+        import torch
+
+        from tlhelpers.models import get_head
+
+        head_params = list(get_head(pretrained).parameters())
+        in_head = {id(p) for p in head_params}
+        backbone_params = [p for p in pretrained.model.parameters()
+                           if id(p) not in in_head]
+        optimizer = torch.optim.AdamW([
+            {"params": backbone_params, "lr": 1e-4},  # pretrained: gently
+            {"params": head_params, "lr": 1e-3},      # new head: 10x faster
+        ])
+        # make_optimizer(pretrained, lr=1e-3, lr_mult=10) goes further:
+        # a rate per layer group, rising from the stem to the head.
+        """)
+
+    def _collect(self, optimizer, pretrained):
+        name, net = _pretrained_parts(pretrained, "pretrained")
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None and isinstance(optimizer, (list, tuple)):
+            groups = optimizer
+        if not isinstance(groups, (list, tuple)) or not all(
+                isinstance(g, dict) for g in groups):
+            raise _Incorrect(
+                "`optimizer` must be a torch optimizer such as "
+                "torch.optim.AdamW([...]), got "
+                f"{type(optimizer).__name__}")
+        default = getattr(optimizer, "defaults", {}).get("lr")
+        name_of = {id(p): pname for pname, p in net.named_parameters()}
+        found = []
+        for group in groups:
+            lr = group.get("lr", default)
+            if lr is None:
+                raise _Incorrect("a parameter group has no learning rate: "
+                                 "give each group an 'lr'")
+            params = list(group.get("params", []))
+            found.append({
+                "lr": float(lr),
+                "params": [name_of[id(p)] for p in params
+                           if id(p) in name_of],
+                "unknown": sum(id(p) not in name_of for p in params)})
+        return {"model": name, "groups": found}
+
+    def _judge(self, evidence, labels):
+        owner, groups = _group_of_param(evidence["model"])
+        head = groups[-1]
+        rates = {}
+        for group in evidence["groups"]:
+            for pname in group["params"]:
+                rates.setdefault(owner.get(pname, "?"), set()).add(
+                    group["lr"])
+        if not rates and any(g["unknown"] for g in evidence["groups"]):
+            raise _Incorrect(
+                "the optimizer's parameters do not belong to `pretrained`:"
+                " build it from pretrained.model's parameters")
+        if head not in rates:
+            raise _Incorrect(
+                "the head is not in the optimizer: the new head would "
+                "never learn. Add get_head(pretrained).parameters() with "
+                "the highest learning rate")
+        head_lr = min(rates[head])
+        backbone = {g: lrs for g, lrs in rates.items() if g != head}
+        if not backbone:
+            raise _Incorrect(
+                "only the head is in the optimizer: the backbone never "
+                "trains, so there is nothing to fine-tune. Add the "
+                "backbone's parameters with a lower learning rate")
+        if not head_lr > 0:
+            raise _Incorrect(f"the head's learning rate is {head_lr:g}: "
+                             "it must be > 0 (try 1e-3)")
+        every = set().union(*rates.values())
+        if len(every) == 1:
+            raise _Incorrect(
+                f"every parameter has the same learning rate "
+                f"({_rate(head_lr)}): give the pretrained backbone a "
+                "lower rate than the new head, e.g. ten times lower")
+        ordered = sorted(backbone, key=lambda g: (
+            groups.index(g) if g in groups else -1))
+        fast = [g for g in ordered if max(backbone[g]) >= head_lr]
+        if fast:
+            shown = ", ".join(f"{g} ({_rate(max(backbone[g]))})"
+                              for g in fast[:4])
+            raise _Incorrect(
+                f"part of the backbone trains as fast as the head "
+                f"({_rate(head_lr)}) or faster: {shown}. Pretrained "
+                "layers need a lower rate than the new head")
+        zero = [g for g in ordered if min(backbone[g]) <= 0]
+        if zero:
+            raise _Incorrect(
+                f"a learning rate of 0 never updates {_listing(zero)}: "
+                "give the backbone a small positive rate")
+        low = min(min(v) for v in backbone.values())
+        high = max(max(v) for v in backbone.values())
+        span = (_rate(low) if low == high
+                else f"{_rate(low)} to {_rate(high)}")
+        return (f"the backbone trains at {span}, the head at "
+                f"{_rate(head_lr)} ({head_lr / high:.3g}x the fastest "
+                "backbone group)")
+
+
+class UnfreezingSchedule(Exercise):
+    """Write a gradual unfreezing schedule that meets rules."""
+
+    name = "unfreezing_schedule"
+    notebook = "04_progressive_unfreezing"
+    title = "A gradual unfreezing schedule"
+    statement = (
+        "Write `unfreezing`, a `GradualUnfreezing` schedule for "
+        "`pretrained` in which: the head trains alone in epoch 1; one "
+        "more group unfreezes at each following epoch, from the head "
+        "down, at least three groups below the head in all; every group "
+        "trains with a lower learning rate than the group above it; and "
+        "the head's rate is between 1e-5 and 1e-2.")
+    answers = ("unfreezing",)
+    args = ("unfreezing", "pretrained")
+    needs = ("pretrained",)
+    placeholder = (
+        "# Unfreeze one group per epoch, from the head down.\n"
+        "unfreezing = ...  # YOUR CODE: GradualUnfreezing(...)\n")
+    hint_text = (
+        "pretrained.groups lists the groups from the stem to the head, so "
+        "pretrained.groups[::-1] starts at the head. GradualUnfreezing("
+        "names, lr=1e-3, factor=2.6) unfreezes one name per epoch and "
+        "divides the rate by `factor` for each group further down.")
+    solution_code = textwrap.dedent("""\
+        from tlhelpers.training import GradualUnfreezing
+
+        top_down = pretrained.groups[::-1]      # head, neck, stage7, ...
+        unfreezing = GradualUnfreezing(
+            top_down[:4],   # the head, then one more group per epoch
+            lr=1e-3,        # the head's rate
+            factor=2.6)     # each group below: 2.6x slower (ULMFiT)
+        """)
+    max_head_lr = 1e-2
+    min_head_lr = 1e-5
+    min_groups_below_head = 3
+
+    def _collect(self, unfreezing, pretrained):
+        name, _ = _pretrained_parts(pretrained, "pretrained")
+        plan = getattr(unfreezing, "plan", None)
+        if plan is None:
+            raise _Incorrect(
+                "`unfreezing` must be a GradualUnfreezing(...) schedule, "
+                f"got {type(unfreezing).__name__}")
+        return {"model": name, "plan": [
+            [str(group), int(epoch), float(lr)]
+            for group, epoch, lr in plan]}
+
+    def _judge(self, evidence, labels):
+        _, groups = _group_of_param(evidence["model"])
+        plan = evidence["plan"]
+        names = [g for g, _, _ in plan]
+        unknown = [g for g in names if g not in groups]
+        if unknown:
+            raise _Incorrect(
+                f"unknown layer group(s) {_listing(unknown)}: this "
+                f"model's groups are {', '.join(groups)}")
+        expected = groups[::-1][:len(plan)]
+        if names != expected:
+            raise _Incorrect(
+                f"groups must unfreeze from the head down without gaps: "
+                f"expected {expected}, got {names}")
+        first = [g for g, epoch, _ in plan[1:] if epoch <= 1]
+        if first:
+            raise _Incorrect(
+                f"{_listing(first)} also "
+                f"{'trains' if len(first) == 1 else 'train'} in epoch 1: "
+                "the head must train alone first, so its random weights "
+                "do not send large gradients into the pretrained layers")
+        for (upper, e_up, _), (lower, e_low, _) in zip(plan, plan[1:]):
+            if e_low <= e_up:
+                raise _Incorrect(
+                    f"{upper} and {lower} both unfreeze at epoch {e_up}: "
+                    "unfreeze one group per epoch")
+            if e_low > e_up + 1:
+                raise _Incorrect(
+                    f"{lower} unfreezes at epoch {e_low}, "
+                    f"{e_low - e_up} epochs after {upper}: unfreeze one "
+                    "more group at each epoch")
+        below = len(plan) - 1
+        if below < self.min_groups_below_head:
+            raise _Incorrect(
+                f"the schedule unfreezes only {below} of the groups below "
+                f"the head: unfreeze at least {self.min_groups_below_head}"
+                f" (e.g. {', '.join(groups[::-1][1:4])})")
+        for (upper, _, lr_up), (lower, _, lr_low) in zip(plan, plan[1:]):
+            if not lr_low < lr_up:
+                raise _Incorrect(
+                    f"{lower} trains at {_rate(lr_low)}, not slower than "
+                    f"{upper} above it ({_rate(lr_up)}): each group "
+                    "further from the head needs a lower rate (factor > "
+                    "1)")
+        head_lr = plan[0][2]
+        if not self.min_head_lr <= head_lr <= self.max_head_lr:
+            raise _Incorrect(
+                f"the head's rate {_rate(head_lr)} is outside 1e-5 to "
+                "1e-2: too high destroys the pretrained features, too "
+                "low learns nothing; try 1e-3")
+        return (f"{' -> '.join(names)}, one per epoch, rates from "
+                f"{_rate(head_lr)} down to {_rate(plan[-1][2])}")
+
+
+STRATEGY_CHOICES = ("feature_extraction", "head_only", "last_k",
+                    "gradual_unfreezing", "full_fine_tuning",
+                    "from_scratch")
+_ALIASES = MappingProxyType({
+    "linear_probe": "feature_extraction",
+    "features": "feature_extraction",
+    "fine_tuning": "full_fine_tuning",
+    "fine_tune": "full_fine_tuning",
+    "finetuning": "full_fine_tuning",
+    "full_fine_tune": "full_fine_tuning",
+    "scratch": "from_scratch",
+    "train_from_scratch": "from_scratch",
+    "gradual": "gradual_unfreezing",
+})
+# scenario -> (what it is, accepted strategies, why the others are wrong)
+SCENARIOS = MappingProxyType({
+    "few_near": (
+        "10 labelled photos per class of everyday objects, close to "
+        "ImageNet",
+        ("feature_extraction", "head_only"),
+        "with ten images per class, training more than a linear head "
+        "overfits, and frozen ImageNet features already separate "
+        "photo-like classes: extract features (or train the head only)"),
+    "many_near": (
+        "5,000 labelled photos per class, close to ImageNet, and a GPU",
+        ("full_fine_tuning", "gradual_unfreezing", "last_k"),
+        "with thousands of labels per class there is enough data to adapt "
+        "the pretrained features: fine-tune (with lower rates for the "
+        "backbone); training from scratch throws away what the weights "
+        "know"),
+    "many_far": (
+        "5,000 labelled grayscale scans per class (e.g. X-rays or "
+        "handwriting), far from ImageNet's photos",
+        ("full_fine_tuning", "gradual_unfreezing", "from_scratch"),
+        "far from ImageNet, frozen photo features miss what matters; with "
+        "this many labels, fine-tune the whole network (training from "
+        "scratch also becomes an option)"),
+    "tight_budget": (
+        "200 labelled photos per class, close to ImageNet, retrained "
+        "every night on a CPU laptop in a few minutes",
+        ("feature_extraction", "head_only"),
+        "on a CPU in minutes, compute the frozen features once (they can "
+        "be cached) and train only a linear classifier on them"),
+})
+
+
+def _normalise_strategy(answer):
+    key = re.sub(r"[\s\-]+", "_", str(answer).strip().lower())
+    return _ALIASES.get(key, key)
+
+
+class PickStrategy(Exercise):
+    """Choose a transfer strategy for each scenario."""
+
+    name = "pick_strategy"
+    notebook = "05_choosing_a_strategy"
+    title = "Choose a strategy"
+    statement = (
+        "For each scenario in `exercises.pick_strategy.scenarios()`, "
+        "choose the strategy you would start with, one of "
+        "`feature_extraction`, `head_only`, `last_k`, "
+        "`gradual_unfreezing`, `full_fine_tuning` or `from_scratch`, and "
+        "write it into the dictionary `strategies`.")
+    answers = ("strategies",)
+    args = ("strategies",)
+    needs = ()
+    placeholder = textwrap.dedent("""\
+        # One of: "feature_extraction", "head_only", "last_k",
+        # "gradual_unfreezing", "full_fine_tuning", "from_scratch".
+        strategies = {
+            "few_near": ...,      # 10 photos per class, close to ImageNet
+            "many_near": ...,     # 5,000 photos per class, close, a GPU
+            "many_far": ...,      # 5,000 scans per class, far from photos
+            "tight_budget": ...,  # 200 photos per class, CPU, minutes
+        }
+        """)
+    hint_text = (
+        "Two questions decide: how many labels per class (few: keep the "
+        "backbone frozen; many: adapt it) and how close the images are to "
+        "ImageNet's photos (far: frozen features fit less well). The cost "
+        "of training counts too.")
+    solution_code = textwrap.dedent("""\
+        strategies = {
+            "few_near": "feature_extraction",    # too few labels to adapt
+            "many_near": "full_fine_tuning",     # enough data to adapt
+            "many_far": "full_fine_tuning",      # photo features fit less
+            "tight_budget": "feature_extraction",  # features cached once
+        }
+        """)
+
+    @staticmethod
+    def scenarios():
+        """Tabulate the scenarios (key and description)."""
+        from tlhelpers.models import Table
+
+        return Table([{"scenario": k, "situation": v[0]}
+                      for k, v in SCENARIOS.items()],
+                     title="Which strategy would you start with?")
+
+    def _collect(self, strategies):
+        if not isinstance(strategies, dict):
+            raise _Incorrect("`strategies` must be a dict {scenario: "
+                             f"strategy}}, got {type(strategies).__name__}")
+        answers = {}
+        for key, value in strategies.items():
+            if value is ... or value is None:
+                answers[str(key)] = None
+            elif isinstance(value, str):
+                answers[str(key)] = value
+            else:
+                answers[str(key)] = repr(value)
+        if all(v is None for v in answers.values()):
+            return {"attempted": False,
+                    "message": "every scenario still has the placeholder "
+                               "`...`: write a strategy for each"}
+        return {"answers": answers}
+
+    def _judge(self, evidence, labels):
+        answers = evidence["answers"]
+        unknown = [k for k in answers if k not in SCENARIOS]
+        if unknown:
+            raise _Incorrect(f"unknown scenario(s) {_listing(unknown)}: "
+                             f"the scenarios are {', '.join(SCENARIOS)}")
+        empty = [k for k in SCENARIOS if answers.get(k) is None]
+        if empty:
+            raise _Incorrect(f"no strategy yet for {_listing(empty)}")
+        invalid = [answers[k] for k in SCENARIOS
+                   if _normalise_strategy(answers[k])
+                   not in STRATEGY_CHOICES]
+        if invalid:
+            raise _Incorrect(
+                f"{_listing(repr(v) for v in invalid)} is not a strategy: "
+                f"choose from {', '.join(STRATEGY_CHOICES)}")
+        wrong = [k for k, (_, ok, _) in SCENARIOS.items()
+                 if _normalise_strategy(answers[k]) not in ok]
+        if wrong:
+            reasons = "; ".join(f"{k}: {SCENARIOS[k][2]}" for k in wrong)
+            raise _Incorrect(f"{len(wrong)} of {len(SCENARIOS)} scenarios "
+                             f"{'needs' if len(wrong) == 1 else 'need'} "
+                             f"another strategy. {reasons}")
+        return f"all {len(SCENARIOS)} scenarios have a fitting strategy"
+
+
+class Capstone(Exercise):
+    """Fine-tune a pretrained model to a target accuracy."""
+
+    name = "capstone"
+    notebook = "06_capstone"
+    title = "Image classification by fine-tuning a pretrained model"
+    statement = (
+        "Use a pretrained model for image classification with "
+        "fine-tuning. Train `final_model` (what `load_pretrained` "
+        "returns, with a new head) on images of `exercises.capstone."
+        "task()`: first the new head with the backbone frozen, then "
+        "unfreeze (some of) the backbone and fine-tune it with lower "
+        "learning rates. The check draws its own held-out images and "
+        "measures `final_model` on them with `final_model.transform`; "
+        "it also checks that the backbone started from ImageNet weights "
+        "and was fine-tuned.")
+    answers = ("final_model",)
+    args = ("final_model",)
+    needs = ()
+    placeholder = (
+        "# Your fine-tuned model: load_pretrained(...), then train it.\n"
+        "final_model = ...  # YOUR CODE\n")
+    hint_text = (
+        "Two phases. 1: final_model = load_pretrained(..., num_classes="
+        "len(train.classes)); freeze(final_model); fit the head for a few "
+        "epochs with make_optimizer(final_model, lr=1e-3). 2: "
+        "freeze_to(final_model, -3) (or unfreeze) and fit again with "
+        "make_optimizer(final_model, lr=3e-4, lr_mult=10).")
+    solution_code = textwrap.dedent("""\
+        from tlhelpers import exercises
+        from tlhelpers.config import by_mode
+        from tlhelpers.data import (make_loaders, synthetic_images,
+                                    with_transform)
+        from tlhelpers.models import (freeze, freeze_to, load_pretrained,
+                                      make_optimizer)
+        from tlhelpers.training import fit
+
+        capstone_task = exercises.capstone.task()
+        capstone_train = synthetic_images(
+            **capstone_task, n_per_class=by_mode(30, 10), seed=0)
+        capstone_val = synthetic_images(**capstone_task, n_per_class=5,
+                                        seed=1)
+        final_model = load_pretrained(
+            "efficientnet_lite0", num_classes=len(capstone_train.classes),
+            image_size=capstone_task["image_size"])
+        capstone_loaders = make_loaders(
+            with_transform(capstone_train, final_model.train_transform),
+            with_transform(capstone_val, final_model.transform),
+            batch_size=16)
+        # Phase 1: the new head learns on frozen pretrained features.
+        freeze(final_model)
+        fit(final_model, *capstone_loaders,
+            make_optimizer(final_model, lr=1e-3), epochs=by_mode(5, 3),
+            progress=False)
+        # Phase 2: fine-tune the top of the backbone, more gently.
+        freeze_to(final_model, -3)
+        fit(final_model, *capstone_loaders,
+            make_optimizer(final_model, lr=3e-4, lr_mult=10),
+            epochs=by_mode(4, 1), progress=False)
+        """)
+    points = 2.0
+    task_spec = MappingProxyType({"kind": "shapes", "classes": 5,
+                                  "domain": "photo",
+                                  "image_size": (128, 64)})
+    target = (0.8, 0.7)
+    # Below this mean cosine similarity to the ImageNet weights, the
+    # backbone did not start from them (a random start gives about 0).
+    min_similarity = 0.5
+
+    def _collect(self, final_model, images):
+        import torch
+
+        name, net = _pretrained_parts(final_model, "final_model")
+        scores = _forward_images(images, final_model.transform, net)
+        fingerprint = {}
+        for pname, p in net.named_parameters():
+            flat = p.detach().float().cpu().flatten()
+            step = max(1, flat.numel() // FINGERPRINT_VALUES)
+            fingerprint[pname] = flat[::step][:FINGERPRINT_VALUES].clone()
+        return {"model": name, "outputs": int(scores.shape[1]),
+                "predictions": scores.argmax(1).to(torch.int64),
+                "fingerprint": fingerprint}
+
+    def _judge(self, evidence, labels):
+        import torch
+
+        from tlhelpers import models
+
+        classes = self.task()["classes"]
+        if evidence["outputs"] != classes:
+            raise _Incorrect(
+                f"final_model predicts {evidence['outputs']} classes; the "
+                f"task has {classes}: give it a new head "
+                "(load_pretrained(..., num_classes=...))")
+        owner, groups = _group_of_param(evidence["model"])
+        note = ""
+        try:
+            reference = models.load_pretrained(evidence["model"],
+                                               num_classes=classes)
+        except models.WeightsUnavailableError:
+            reference = None
+            note = (" (the ImageNet weights of this model are not on the "
+                    "checking machine, so fine-tuning was not verified)")
+        if reference is not None:
+            sims, moved = [], []
+            for pname, p in reference.model.named_parameters():
+                if owner.get(pname) in (None, groups[-1]):
+                    continue
+                theirs = evidence["fingerprint"].get(pname)
+                flat = p.detach().float().flatten()
+                ours = flat[::max(1, flat.numel() // FINGERPRINT_VALUES)][
+                    :FINGERPRINT_VALUES]
+                if theirs is None or theirs.shape != ours.shape:
+                    raise _Incorrect(
+                        f"final_model's {pname} has another shape than "
+                        f"a {evidence['model']}'s: keep the architecture "
+                        "load_pretrained gives")
+                if p.ndim >= 2:
+                    sims.append(torch.nn.functional.cosine_similarity(
+                        theirs, ours, dim=0).item())
+                if not torch.equal(theirs, ours):
+                    moved.append(owner[pname])
+            if sum(sims) / max(len(sims), 1) < self.min_similarity:
+                raise _Incorrect(
+                    "the backbone did not start from the ImageNet weights "
+                    "(its weights look nothing like them): load it with "
+                    "load_pretrained(..., weights='imagenet')")
+            if not moved:
+                raise _Incorrect(
+                    "the backbone still has exactly its ImageNet weights: "
+                    "that is feature extraction. Unfreeze (part of) the "
+                    "backbone and fine-tune it with a low learning rate")
+        return _accuracy_message(evidence, labels, self._target(),
+                                 "final_model classifies") + note
+
+
+# --------------------------------------------------------------- registry
+
+load_with_preprocessing = LoadWithPreprocessing()
+linear_probe = LinearProbe()
+freeze_backbone = FreezeBackbone()
+discriminative_lrs = DiscriminativeLRs()
+unfreezing_schedule = UnfreezingSchedule()
+pick_strategy = PickStrategy()
+capstone = Capstone()
+
+# In course order; read-only so nothing can swap an exercise at run time.
+EXERCISES = MappingProxyType({e.name: e for e in (
+    load_with_preprocessing, linear_probe, freeze_backbone,
+    discriminative_lrs, unfreezing_schedule, pick_strategy, capstone)})
+
+
+def get(name):
+    """Return the exercise called `name`."""
+    try:
+        return EXERCISES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown exercise {name!r}; the exercises are "
+                         f"{', '.join(EXERCISES)}") from None
+
+
+def for_notebook(notebook):
+    """Return the exercises a course notebook hosts, in course order."""
+    stem = Path(str(notebook)).stem
+    return [e for e in EXERCISES.values() if e.notebook == stem]
+
+
+def summary():
+    """Tabulate every exercise: notebook, answer variables, check line."""
+    from tlhelpers.models import Table
+
+    return Table([{"exercise": e.name, "notebook": e.notebook,
+                   "answer": ", ".join(e.answers),
+                   "needs": ", ".join(e.needs) or "-",
+                   "points": e.points, "check": e.check_source}
+                  for e in EXERCISES.values()], title="Exercises")
+
+
+# ------------------------------------------------------ notebook cells
+
+
+def cell_source(cell):
+    """Return a notebook cell's source as one string."""
+    source = cell.get("source", "")
+    return "".join(source) if isinstance(source, list) else str(source)
+
+
+def normalise_code(source):
+    """Strip comments, blank lines, spaces and trailing semicolons."""
+    lines = []
+    for line in source.splitlines():
+        line = line.split("#", 1)[0].strip().rstrip(";").strip()
+        if line:
+            lines.append(re.sub(r"\s+", "", line))
+    return "\n".join(lines)
+
+
+def exercise_cells(nb):
+    """Find each exercise's answer and check cells in a notebook.
+
+    Args:
+        nb: a notebook as a dict (parsed JSON or nbformat node).
+
+    Returns:
+        {exercise name: {"exercise": [cell indices], "check": [...]}} for
+        every name found in an ``exercise:`` or ``check:`` tag, known to
+        this course or not.
+    """
+    found = {}
+    for index, cell in enumerate(nb.get("cells", [])):
+        tags = cell.get("metadata", {}).get("tags", []) or []
+        for tag in tags:
+            for prefix, kind in ((EXERCISE_TAG, "exercise"),
+                                 (CHECK_TAG, "check")):
+                if isinstance(tag, str) and tag.startswith(prefix):
+                    name = tag[len(prefix):].strip()
+                    entry = found.setdefault(name, {"exercise": [],
+                                                    "check": []})
+                    entry[kind].append(index)
+    return found
+
+
+def check_cell_problems(nb):
+    """List what breaks the exercise convention in a course notebook."""
+    problems = []
+    cells = nb.get("cells", [])
+    for name, where in exercise_cells(nb).items():
+        if name not in EXERCISES:
+            problems.append(f"unknown exercise {name!r} in a tag; the "
+                            f"exercises are {', '.join(EXERCISES)}")
+            continue
+        exercise = EXERCISES[name]
+        for kind in ("exercise", "check"):
+            if len(where[kind]) != 1:
+                problems.append(f"{name}: {len(where[kind])} cells tagged "
+                                f"{kind}:{name} (need exactly 1)")
+        for index in where["check"]:
+            if (normalise_code(cell_source(cells[index]))
+                    != normalise_code(exercise.check_source)):
+                problems.append(f"{name}: the check cell must run "
+                                f"{exercise.check_source}")
+        if where["exercise"] and where["check"] and (
+                where["check"][0] < where["exercise"][0]):
+            problems.append(f"{name}: the check cell comes before the "
+                            "exercise cell")
+    return problems
+
+
+def fill_solutions(notebook_path, out_path):
+    """Write a copy of a notebook with every answer cell solved.
+
+    Each cell tagged ``exercise:<name>`` gets that exercise's reference
+    solution (and loses its outputs). Raises ValueError when the notebook
+    breaks the exercise convention, so CI never runs a silently unchecked
+    copy.
+    """
+    notebook_path, out_path = Path(notebook_path), Path(out_path)
+    try:
+        nb = json.loads(notebook_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the notebook {notebook_path}: "
+                         f"{err}") from err
+    problems = check_cell_problems(nb)
+    if problems:
+        raise ValueError(f"{notebook_path.name} breaks the exercise "
+                         "convention: " + "; ".join(problems))
+    nb = copy.deepcopy(nb)
+    for name, where in exercise_cells(nb).items():
+        for index in where["exercise"]:
+            cell = nb["cells"][index]
+            cell["source"] = EXERCISES[name].solution_code.splitlines(True)
+            cell["outputs"] = []
+            cell["execution_count"] = None
+    from tlhelpers.runner import _write_text
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(out_path, json.dumps(nb, indent=1, ensure_ascii=False)
+                + "\n")
+    return out_path
+
+
+# --------------------------------------------------------- the grader's
+
+
+def record_answers(names, namespace, folder, heldout=None, suffix=""):
+    """Save the evidence of each exercise from a notebook's variables.
+
+    The grader runs this inside the learner's kernel after the notebook's
+    cells, from a fresh copy of this file, and judges the saved evidence
+    in another process. Never raises for a learner's object.
+
+    Args:
+        names: exercise names.
+        namespace: the notebook's variables (globals()).
+        folder: where <name><suffix>.pt files go.
+        heldout: folder of <name>.pt held-out images (no labels).
+    """
+    import torch
+
+    from tlhelpers.training import _save_atomic
+
+    folder = Path(folder)
+    for name in names:
+        exercise = get(name)
+        images = None
+        if exercise.task_spec is not None:
+            try:
+                images = _to_pil(torch.load(
+                    Path(heldout) / f"{name}.pt", weights_only=True))
+            except Exception as err:
+                evidence = exercise._evidence(error=(
+                    f"the grader's held-out images are missing ({err})"))
+                _save_atomic(evidence, folder / f"{name}{suffix}.pt")
+                continue
+        evidence = exercise.collect(namespace, images)
+        try:
+            _save_atomic(evidence, folder / f"{name}{suffix}.pt")
+        except Exception as err:
+            _save_atomic(exercise._evidence(error=(
+                f"your answer could not be recorded ({err})")),
+                folder / f"{name}{suffix}.pt")
