@@ -1,0 +1,1218 @@
+"""Datasets that teach: synthetic shapes and textures, real offline data.
+
+Everything here runs offline. ``synthetic_images`` draws labelled pictures
+of shapes or textures in several *domains* (renderings of the same
+classes): ``photo`` is colourful and photo-like, close to what ImageNet
+models saw; ``sketch`` is black line drawings on white; ``noisy_gray`` is
+grayscale under heavy noise; ``silhouette`` is flat dark shapes on white.
+Image ``i`` depends only on the seed, the kind, the domain, the controls
+and ``i``, so the same call gives the same bytes in every process (and on
+every machine with the same numpy and Pillow), and the pictures are drawn
+when they are read, so DataLoader workers can share the work.
+
+``digits`` (scikit-learn's handwritten digits) and ``sample_photos``
+(scikit-image's photos) ship with installed packages. ``image_folder``
+loads a learner's own photos with checks that explain what is wrong.
+``download`` fetches an optional archive, verified by its sha256.
+"""
+
+import colorsys
+import copy
+import difflib
+import hashlib
+import http.client
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import torch
+from PIL import Image, ImageColor, ImageDraw, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+
+from tlhelpers import config
+
+KINDS = ("shapes", "textures")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon",
+          "heart", "arrow", "diamond", "crescent", "semicircle")
+TEXTURES = ("stripes", "checkerboard", "dots", "waves", "grid", "zigzag",
+            "concentric", "bricks", "spiral", "speckles")
+DOMAINS = ("photo", "sketch", "noisy_gray", "silhouette")
+BACKGROUNDS = ("solid", "gradient", "clouds")
+CONTROLS = ("backgrounds", "colours", "noise", "rotation", "scale")
+
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 1024
+
+# Noise (standard deviation, on a 0-1 pixel scale) when `noise` is not given.
+_DOMAIN_NOISE = MappingProxyType(
+    {"photo": 0.03, "sketch": 0.0, "noisy_gray": 0.3, "silhouette": 0.0})
+# Largest rotation (degrees, either way) when `rotation` is not given.
+# Shapes stay roughly upright, like objects in photos; a texture has no
+# upright, so any orientation goes.
+_KIND_ROTATION = MappingProxyType({"shapes": 30.0, "textures": 180.0})
+# Size range when `scale` is not given: the shape's radius as a fraction
+# of half the image, or the texture's period as a fraction of the image.
+_KIND_SCALE = MappingProxyType(
+    {"shapes": (0.55, 0.9), "textures": (0.12, 0.22)})
+
+# Folder names that mean a data split, not a class.
+_SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation",
+                          "test", "testing"})
+# Image formats image_folder() reads: torchvision's list, plus GIF.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
+                    ".tiff", ".webp", ".gif")
+
+
+# ------------------------------------------------------------ datasets
+
+
+def _targets_of(dataset, caller):
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise TypeError(
+            f"{caller} needs a dataset with .targets (one class index per "
+            f"item), got {type(dataset).__name__}; use synthetic_images(), "
+            "digits(), image_folder() or a LabelledSubset")
+    return [int(t) for t in targets]
+
+
+class LabelledImages(Dataset):
+    """A list of PIL images with labels, class names and a transform."""
+
+    def __init__(self, images, targets, classes, transform=None):
+        if len(images) != len(targets):
+            raise ValueError(f"got {len(images)} images but {len(targets)} "
+                             "targets; give one target per image")
+        self.images = list(images)
+        self.targets = [int(t) for t in targets]
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+    def __repr__(self):
+        return (f"LabelledImages({len(self)} images, "
+                f"classes={self.classes})")
+
+
+class LabelledSubset(Dataset):
+    """Part of a dataset, chosen by index, that keeps .classes and .targets."""
+
+    def __init__(self, dataset, indices):
+        targets = _targets_of(dataset, "LabelledSubset")
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.classes = list(dataset.classes)
+        self.targets = [targets[i] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[self.indices[index]]
+
+    def __repr__(self):
+        return (f"LabelledSubset({len(self)} of {len(self.dataset)} items, "
+                f"classes={self.classes})")
+
+
+class _Transformed(Dataset):
+    """Apply a transform on top of a dataset we cannot reach inside."""
+
+    def __init__(self, dataset, transform):
+        self.dataset = dataset
+        self.transform = transform
+        self.classes = list(dataset.classes)
+        self.targets = _targets_of(dataset, "with_transform")
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+
+def with_transform(dataset, transform):
+    """Return the dataset with a new transform; the original is unchanged.
+
+    The new transform replaces the old one (it is not stacked on top), so
+    the same images can be fed to models with different preprocessing.
+    """
+    if isinstance(dataset, LabelledSubset):
+        return LabelledSubset(with_transform(dataset.dataset, transform),
+                              dataset.indices)
+    if isinstance(dataset, _Transformed):
+        return _Transformed(dataset.dataset, transform)
+    if hasattr(dataset, "transform"):
+        new = copy.copy(dataset)
+        new.transform = transform
+        # torchvision datasets also keep a combined `transforms` object
+        if hasattr(new, "transforms") and hasattr(new, "target_transform"):
+            from torchvision.datasets.vision import StandardTransform
+
+            new.transforms = StandardTransform(transform,
+                                               new.target_transform)
+        return new
+    return _Transformed(dataset, transform)
+
+
+def few_shot(dataset, k, seed=0):
+    """Keep k randomly chosen examples of every class (stratified)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k (examples per class) must be an int >= 1, "
+                         f"got {k!r}")
+    targets = np.asarray(_targets_of(dataset, "few_shot"))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c, name in enumerate(dataset.classes):
+        members = np.flatnonzero(targets == c)
+        if len(members) < k:
+            raise ValueError(
+                f"class {name!r} has only {len(members)} examples, fewer "
+                f"than k={k}; lower k or use a dataset with more images "
+                "per class")
+        chosen.extend(rng.choice(members, size=k, replace=False).tolist())
+    return LabelledSubset(dataset, sorted(chosen))
+
+
+def train_val_split(dataset, val_fraction=0.2, seed=0):
+    """Split into (train, val) with every class in the same proportion."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1 "
+                         f"(exclusive), got {val_fraction!r}")
+    targets = np.asarray(_targets_of(dataset, "train_val_split"))
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c, name in enumerate(dataset.classes):
+        members = rng.permutation(np.flatnonzero(targets == c))
+        if len(members) == 0:
+            continue
+        if len(members) < 2:
+            raise ValueError(
+                f"class {name!r} has only {len(members)} example; a split "
+                "needs at least 2 per class (one for each side)")
+        n_val = int(round(len(members) * val_fraction))
+        n_val = min(max(n_val, 1), len(members) - 1)
+        val.extend(members[:n_val].tolist())
+        train.extend(members[n_val:].tolist())
+    return (LabelledSubset(dataset, sorted(train)),
+            LabelledSubset(dataset, sorted(val)))
+
+
+def make_loaders(*datasets, batch_size=32, num_workers=0, shuffle_first=True,
+                 seed=0):
+    """Wrap datasets in DataLoaders; only the first one is shuffled.
+
+    Defaults suit a CPU laptop or Binder: no worker processes unless asked
+    for, and pinned memory only when a CUDA GPU is there to use it. The
+    shuffle order is seeded, so a run can be repeated.
+
+    Returns:
+        a tuple with one DataLoader per dataset, in the same order.
+    """
+    if not datasets:
+        raise ValueError("make_loaders needs at least one dataset, e.g. "
+                         "make_loaders(train, val)")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got "
+                         f"{batch_size!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got "
+                         f"{num_workers!r}")
+    for position, ds in enumerate(datasets):
+        if len(ds) == 0:
+            raise ValueError(f"dataset {position} is empty")
+        sample = ds[0][0]
+        if isinstance(sample, Image.Image):
+            raise TypeError(
+                f"dataset {position} yields PIL images, which cannot be "
+                "batched; give it the model's preprocessing first, e.g. "
+                "with_transform(dataset, pretrained.transform)")
+    pin = torch.cuda.is_available()
+    loaders = []
+    for position, ds in enumerate(datasets):
+        shuffle = shuffle_first and position == 0
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        loaders.append(DataLoader(
+            ds, batch_size=batch_size, shuffle=shuffle,
+            num_workers=num_workers, pin_memory=pin, generator=generator,
+            persistent_workers=num_workers > 0))
+    return tuple(loaders)
+
+
+# ----------------------------------------------------- synthetic images
+
+
+def _stable_int(*parts):
+    text = repr(parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
+
+
+def _regular(n, radius=1.0, phase=-np.pi / 2):
+    angles = phase + np.arange(n) * 2 * np.pi / n
+    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], 1)
+
+
+def _shape_polygons(name):
+    """Return a shape's outline (then its holes), centred, radius 1, y down.
+
+    Centring on the bounding box and scaling to radius 1 makes every shape
+    fill the same circle, so size alone never gives the class away.
+    """
+    polys = _raw_polygons(name)
+    lo, hi = polys[0].min(0), polys[0].max(0)
+    centre = (lo + hi) / 2
+    radius = np.linalg.norm(polys[0] - centre, axis=1).max()
+    return [(p - centre) / radius for p in polys]
+
+
+def _raw_polygons(name):
+    if name == "circle":
+        return [_regular(64, 0.95)]
+    if name == "square":
+        return [_regular(4, 1.0, np.pi / 4)]
+    if name == "triangle":
+        tri = _regular(3, 1.0)
+        return [tri]
+    if name == "star":
+        outer, inner = _regular(5, 1.0), _regular(5, 0.42, -np.pi / 2
+                                                  + np.pi / 5)
+        star = np.empty((10, 2))
+        star[0::2], star[1::2] = outer, inner
+        return [star]
+    if name == "cross":
+        a, w = 0.95, 0.3
+        return [np.array([[-w, -a], [w, -a], [w, -w], [a, -w], [a, w],
+                          [w, w], [w, a], [-w, a], [-w, w], [-a, w],
+                          [-a, -w], [-w, -w]])]
+    if name == "ring":
+        return [_regular(64, 0.95), _regular(64, 0.55)]
+    if name == "hexagon":
+        return [_regular(6, 1.0, 0.0)]
+    if name == "heart":
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t)
+              - np.cos(4 * t))
+        return [np.stack([x, y], 1)]
+    if name == "arrow":
+        return [np.array([[-0.95, -0.2], [0.15, -0.2], [0.15, -0.6],
+                          [0.95, 0.0], [0.15, 0.6], [0.15, 0.2],
+                          [-0.95, 0.2]])]
+    if name == "diamond":
+        return [np.array([[0, -1.0], [0.6, 0], [0, 1.0], [-0.6, 0]])]
+    if name == "crescent":
+        # outer circle minus a circle shifted right, traced as one outline
+        r1, r2, d = 0.95, 0.8, 0.45
+        x = (d * d + r1 * r1 - r2 * r2) / (2 * d)
+        y = np.sqrt(r1 * r1 - x * x)
+        alpha, beta = np.arctan2(y, x), np.arctan2(y, x - d)
+        outer = np.linspace(alpha, 2 * np.pi - alpha, 40)
+        inner = np.linspace(2 * np.pi - beta, beta, 32)
+        pts = np.concatenate([
+            np.stack([r1 * np.cos(outer), r1 * np.sin(outer)], 1),
+            np.stack([d + r2 * np.cos(inner), r2 * np.sin(inner)], 1)])
+        return [pts]
+    if name == "semicircle":
+        t = np.linspace(0, np.pi, 40)
+        return [np.stack([np.cos(t), -np.sin(t)], 1)]
+    raise ValueError(f"unknown shape {name!r}")
+
+
+def _wobble(poly, rng, amount):
+    """Subdivide an outline and bend it a little, like a hand-drawn line."""
+    closed = np.concatenate([poly, poly[:1]])
+    seg = np.linalg.norm(np.diff(closed, axis=0), axis=1)
+    steps = np.maximum(1, np.ceil(seg / 0.15).astype(int))
+    pts = [closed[i] + (closed[i + 1] - closed[i]) * (j / steps[i])
+           for i in range(len(poly)) for j in range(steps[i])]
+    pts = np.asarray(pts)
+    s = np.linspace(0, 2 * np.pi, len(pts), endpoint=False)
+    f = rng.integers(2, 5, size=2)
+    ph = rng.uniform(0, 2 * np.pi, size=4)
+    dx = np.sin(f[0] * s + ph[0]) + 0.5 * np.sin(2 * f[1] * s + ph[1])
+    dy = np.sin(f[1] * s + ph[2]) + 0.5 * np.sin(2 * f[0] * s + ph[3])
+    return pts + amount * np.stack([dx, dy], 1)
+
+
+def _hsv(h, s, v):
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
+
+
+def _parse_colour(value):
+    if isinstance(value, str):
+        try:
+            rgb = ImageColor.getrgb(value)[:3]
+        except ValueError:
+            raise ValueError(
+                f"unknown colour {value!r}; use a name like 'red', a hex "
+                "code like '#ff8800' or an (r, g, b) tuple of 0-255 "
+                "values") from None
+        return tuple(int(c) for c in rgb)
+    try:
+        rgb = tuple(value)
+    except TypeError:
+        rgb = ()
+    if (len(rgb) != 3 or not all(isinstance(c, (int, np.integer))
+                                 for c in rgb)
+            or not all(0 <= c <= 255 for c in rgb)):
+        raise ValueError(f"a colour must be a name, a hex code or an "
+                         f"(r, g, b) tuple of 0-255 integers, got "
+                         f"{value!r}")
+    return tuple(int(c) for c in rgb)
+
+
+def _check_controls(kind, domain, controls):
+    """Validate the drawing controls and fill in the defaults."""
+    unknown = sorted(set(controls) - set(CONTROLS))
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, CONTROLS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"unknown control {name!r}{hint}; valid controls: "
+                        f"{', '.join(CONTROLS)}")
+    colours = controls.get("colours")
+    if colours is not None:
+        if isinstance(colours, str) or (
+                len(colours) == 3
+                and all(isinstance(c, (int, np.integer)) for c in colours)):
+            colours = [colours]  # one colour, not a list of them
+        if len(colours) == 0:
+            raise ValueError("colours must list at least one colour, or be "
+                             "None for random colours")
+        colours = tuple(_parse_colour(c) for c in colours)
+    backgrounds = controls.get("backgrounds")
+    if backgrounds is None:
+        backgrounds = BACKGROUNDS
+    elif isinstance(backgrounds, str):
+        backgrounds = (backgrounds,)
+    backgrounds = tuple(backgrounds)
+    bad = [b for b in backgrounds if b not in BACKGROUNDS]
+    if bad or not backgrounds:
+        raise ValueError(f"unknown background {bad[0] if bad else None!r}; "
+                         f"choose from: {', '.join(BACKGROUNDS)}")
+    noise = controls.get("noise")
+    noise = _DOMAIN_NOISE[domain] if noise is None else noise
+    if not isinstance(noise, (int, float)) or not 0 <= noise <= 1:
+        raise ValueError(f"noise is a standard deviation on a 0-1 pixel "
+                         f"scale and must be in [0, 1], got {noise!r}")
+    rotation = controls.get("rotation")
+    rotation = _KIND_ROTATION[kind] if rotation is None else rotation
+    if not isinstance(rotation, (int, float)) or not 0 <= rotation <= 180:
+        raise ValueError(f"rotation is the largest turn in degrees (either "
+                         f"way) and must be in [0, 180], got {rotation!r}")
+    scale = controls.get("scale")
+    scale = _KIND_SCALE[kind] if scale is None else scale
+    if isinstance(scale, (int, float)):
+        scale = (scale, scale)
+    try:
+        lo, hi = (float(s) for s in scale)
+    except (TypeError, ValueError):
+        lo = hi = -1.0
+    if not 0.05 <= lo <= hi <= 1:
+        raise ValueError(f"scale must be a number or a (min, max) pair with "
+                         f"0.05 <= min <= max <= 1, got {scale!r}")
+    return {"backgrounds": backgrounds, "colours": colours,
+            "noise": float(noise), "rotation": float(rotation),
+            "scale": (lo, hi)}
+
+
+def _check_classes(kind, classes):
+    names = SHAPES if kind == "shapes" else TEXTURES
+    if isinstance(classes, bool):
+        classes = None
+    if isinstance(classes, int):
+        if not 2 <= classes <= len(names):
+            raise ValueError(
+                f"classes must be between 2 and {len(names)} for "
+                f"kind={kind!r}, got {classes}; available: "
+                f"{', '.join(names)}")
+        return list(names[:classes])
+    if isinstance(classes, str) or classes is None:
+        raise TypeError(f"classes must be a number of classes or a list of "
+                        f"names from {', '.join(names)}; got {classes!r}")
+    classes = list(classes)
+    for c in classes:
+        if c not in names:
+            raise ValueError(f"unknown {kind[:-1]} class {c!r}; choose from: "
+                             f"{', '.join(names)}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes lists a name twice: {classes}")
+    if len(classes) < 2:
+        raise ValueError(f"a classification task needs at least 2 classes, "
+                         f"got {classes}")
+    return classes
+
+
+class SyntheticImages(Dataset):
+    """Procedurally drawn, labelled images of shapes or textures.
+
+    Built by synthetic_images(); items are (image, class index) where the
+    image is an RGB PIL image, or whatever `transform` makes of it. Classes
+    are balanced and interleaved: item i shows class i % len(classes).
+    """
+
+    def __init__(self, kind, classes, n_per_class, image_size, domain, seed,
+                 transform, controls):
+        self.kind = kind
+        self.classes = list(classes)
+        self.n_per_class = n_per_class
+        self.image_size = image_size
+        self.domain = domain
+        self.seed = seed
+        self.transform = transform
+        self.controls = controls
+        k = len(self.classes)
+        self.targets = [i % k for i in range(k * n_per_class)]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        image = self.render(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+    def __repr__(self):
+        return (f"SyntheticImages(kind={self.kind!r}, "
+                f"domain={self.domain!r}, classes={self.classes}, "
+                f"n_per_class={self.n_per_class}, "
+                f"image_size={self.image_size}, seed={self.seed})")
+
+    def _rng_for(self, index):
+        """Return the random generator that draws item `index`."""
+        k = len(self.classes)
+        name, j = self.classes[index % k], index // k
+        # The image size is left out on purpose: the same seed gives the
+        # same picture at every resolution.
+        c = self.controls
+        key = _stable_int(self.kind, self.domain, name, c["backgrounds"],
+                          c["colours"], c["noise"], c["rotation"],
+                          c["scale"])
+        ss = np.random.SeedSequence([self.seed, key & 0xFFFFFFFF,
+                                     key >> 32, j])
+        return np.random.default_rng(ss)
+
+    def render(self, index):
+        """Draw item `index` as an RGB PIL image (no transform)."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for "
+                             f"{len(self)} images")
+        index = index % len(self)
+        rng = self._rng_for(index)
+        name = self.classes[index % len(self.classes)]
+        size = self.image_size
+        sketch = self.domain == "sketch"
+        if self.kind == "shapes":
+            cover = _draw_shape(name, size, rng, self.controls, sketch)
+        else:
+            cover = _draw_texture(name, size, rng, self.controls, sketch)
+        pixels = _compose(cover, self.domain, rng, self.controls,
+                          shadow=self.kind == "shapes")
+        return Image.fromarray(pixels)
+
+
+def _draw_shape(name, size, rng, controls, sketch):
+    """Return a [size, size] float32 coverage map (1 = shape or line)."""
+    lo, hi = controls["scale"]
+    radius = rng.uniform(lo, hi)
+    angle = np.deg2rad(rng.uniform(-1, 1) * controls["rotation"])
+    stretch = rng.uniform(0.9, 1.1)
+    room = max(0.0, 1.0 - radius)
+    centre = rng.uniform(-room, room, size=2) * 0.9
+    wobble = rng.uniform(0.008, 0.02) if sketch else 0.0
+    width = rng.uniform(0.8, 1.4)
+    polys = _shape_polygons(name)
+    if sketch:
+        polys = [_wobble(p, rng, wobble) for p in polys]
+    cos, sin = np.cos(angle), np.sin(angle)
+    rot = np.array([[cos, sin], [-sin, cos]]) * [[stretch], [1 / stretch]]
+    # Draw at twice the size and shrink: cheap anti-aliasing.
+    ss = 2 if size <= 256 else 1
+    big = size * ss
+    half = big / 2
+    mask = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(mask)
+    for n, poly in enumerate(polys):
+        pts = ((poly @ rot) * radius + centre) * half + half
+        xy = [tuple(p) for p in pts.tolist()]
+        if sketch:
+            line = max(1, round(width * big / 40))
+            draw.line(xy + xy[:1], fill=255, width=line, joint="curve")
+        else:
+            draw.polygon(xy, fill=0 if n else 255)
+    if ss > 1:
+        mask = mask.reduce(ss)
+    return np.asarray(mask, dtype=np.float32) * (1 / 255)
+
+
+def _grid(size):
+    c = (size - 1) / 2
+    axis = np.arange(size, dtype=np.float32) - c
+    return axis[None, :], axis[:, None]
+
+
+def _band(t, period, width):
+    """Signed distance (pixels) to bands of `width` repeating every period."""
+    t = np.mod(t, period) - period / 2
+    return width / 2 - np.abs(t)
+
+
+def _texture_distance(name, size, rng, controls):
+    """Return a signed distance field: > 0 inside the pattern's ink."""
+    lo, hi = controls["scale"]
+    p = rng.uniform(lo, hi) * size
+    angle = np.deg2rad(rng.uniform(-1, 1) * controls["rotation"])
+    x, y = _grid(size)
+    x = x + rng.uniform(-p, p)
+    y = y + rng.uniform(-p, p)
+    cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+    u = x * cos + y * sin
+    v = y * cos - x * sin
+    if name == "stripes":
+        return _band(u, p, p * rng.uniform(0.4, 0.6))
+    if name == "checkerboard":
+        du, dv = _band(u, p, p / 2), _band(v, p, p / 2)
+        return np.where(du * dv < 0, 1, -1) * np.minimum(np.abs(du),
+                                                         np.abs(dv))
+    if name == "dots":
+        tu = np.mod(u, p) - p / 2
+        tv = np.mod(v, p) - p / 2
+        return p * rng.uniform(0.22, 0.32) - np.sqrt(tu * tu + tv * tv)
+    if name == "grid":
+        w = max(1.5, p * rng.uniform(0.12, 0.2))
+        return np.maximum(_band(u, p, w), _band(v, p, w))
+    if name == "waves":
+        amp, length = p * rng.uniform(0.2, 0.35), p * rng.uniform(1.5, 2.5)
+        bend = amp * np.sin(v * np.float32(2 * np.pi / length))
+        return _band(u + bend, p, p * 0.5)
+    if name == "zigzag":
+        amp, length = p * rng.uniform(0.25, 0.4), p * rng.uniform(1.2, 2.0)
+        tri = np.abs(np.mod(v / np.float32(length), 1) - 0.5) * 4 - 1
+        return _band(u + amp * tri, p, p * 0.5)
+    if name == "concentric":
+        cx, cy = rng.uniform(-0.3, 0.3, size=2) * size
+        r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+        return _band(r, p, p * 0.5)
+    if name == "bricks":
+        p = p * 1.5  # a brick is one period long and half a period high
+        w = max(1.5, p * rng.uniform(0.07, 0.11))
+        row = np.floor(v / np.float32(p / 2))
+        shifted = u + np.mod(row, 2) * np.float32(p / 2)
+        # mortar lines sit where a row (or a brick) ends
+        return np.maximum(_band(v + p / 4, p / 2, w),
+                          _band(shifted + p / 2, p, w))
+    if name == "spiral":
+        cx, cy = rng.uniform(-0.2, 0.2, size=2) * size
+        r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
+        theta = np.arctan2(y - cy, x - cx)
+        turn = np.float32(p / (2 * np.pi)) * rng.choice([-1, 1])
+        return _band(r + turn * theta, p, p * 0.5)
+    if name == "speckles":
+        # one dot per cell of a lattice, at a random place and size
+        cells = int(size / p) + 3
+        off = rng.uniform(0.2, 0.8, size=(2, cells, cells)).astype(np.float32)
+        rad = rng.uniform(0.12, 0.3, size=(cells, cells)).astype(np.float32)
+        iu = np.clip(np.floor(u / p).astype(int) + cells // 2, 0, cells - 1)
+        iv = np.clip(np.floor(v / p).astype(int) + cells // 2, 0, cells - 1)
+        tu = np.mod(u, p) - off[0][iv, iu] * p
+        tv = np.mod(v, p) - off[1][iv, iu] * p
+        return rad[iv, iu] * p - np.sqrt(tu * tu + tv * tv)
+    raise ValueError(f"unknown texture {name!r}")
+
+
+def _draw_texture(name, size, rng, controls, sketch):
+    """Return a [size, size] float32 coverage map of a texture."""
+    d = _texture_distance(name, size, rng, controls).astype(np.float32)
+    if sketch:
+        # ink along the pattern's edges, about 1.5 pixels wide at 64 px
+        width = max(1.0, size / 40 * rng.uniform(0.8, 1.3))
+        d = width / 2 - np.abs(d)
+    return np.clip(d + 0.5, 0, 1)
+
+
+def _background(kind, size, rng, base, other):
+    """Return a [size, size, 3] background between two colours."""
+    if kind == "solid":
+        return np.broadcast_to(base, (size, size, 3))
+    if kind == "gradient":
+        x, y = _grid(size)
+        a = rng.uniform(0, 2 * np.pi)
+        t = (x * np.float32(np.cos(a)) + y * np.float32(np.sin(a)))
+        t = t * np.float32(1 / size) + np.float32(0.5)
+        return base + t[..., None] * (other - base)
+    # clouds: a few random colour blobs, smoothly blended
+    n = 4
+    small = rng.uniform(0, 1, size=(n, n, 3)) * 255
+    blobs = Image.fromarray(small.astype(np.uint8)).resize(
+        (size, size), Image.BICUBIC)
+    t = np.asarray(blobs, dtype=np.float32) * np.float32(1 / 255)
+    return base + (t * 0.7) * (other - base)
+
+
+def _photo_colours(rng, colours):
+    """Pick foreground and background colours that stand apart."""
+    if colours:
+        fg = np.array(colours[rng.integers(len(colours))],
+                      dtype=np.float32) / 255
+        h, _, v = colorsys.rgb_to_hsv(*fg)
+    else:
+        h, v = rng.uniform(), rng.uniform(0.55, 1.0)
+        fg = _hsv(h, rng.uniform(0.55, 1.0), v)
+    bh = h + rng.uniform(0.25, 0.75)
+    # background brightness far from the foreground's, so the outline shows
+    bv = rng.uniform(0.15, 0.4) if v > 0.6 else rng.uniform(0.75, 1.0)
+    base = _hsv(bh, rng.uniform(0.2, 0.8), bv)
+    other = _hsv(bh + rng.uniform(-0.15, 0.15), rng.uniform(0.2, 0.8),
+                 np.clip(bv + rng.uniform(-0.15, 0.15), 0, 1))
+    return fg, base, other
+
+
+def _compose(cover, domain, rng, controls, shadow):
+    """Turn a coverage map into uint8 RGB pixels in the domain's style."""
+    size = cover.shape[0]
+    m = cover[..., None]
+    if domain == "photo":
+        fg, base, other = _photo_colours(rng, controls["colours"])
+        kind = controls["backgrounds"][
+            rng.integers(len(controls["backgrounds"]))]
+        bg = _background(kind, size, rng, base, other)
+        if shadow and rng.uniform() < 0.5:
+            shift = max(1, size // 32)
+            dark = np.zeros_like(cover)
+            dark[shift:, shift:] = cover[:-shift, :-shift]
+            bg = bg * (1 - 0.45 * dark[..., None])
+        # light from one side: the shape is brighter on one edge
+        x, y = _grid(size)
+        a = rng.uniform(0, 2 * np.pi)
+        light = (x * np.float32(np.cos(a)) + y * np.float32(np.sin(a)))
+        light = 1 + light * np.float32(0.35 / size)
+        img = bg + m * (fg * light[..., None] - bg)
+        channels = 1  # grain in brightness only: a third of the cost
+    elif domain == "sketch":
+        paper = np.float32(rng.uniform(0.92, 1.0))
+        ink = np.float32(rng.uniform(0.0, 0.2))
+        img = paper + (ink - paper) * m
+        channels = 1
+    elif domain == "silhouette":
+        paper = np.float32(rng.uniform(0.85, 1.0))
+        ink = np.float32(rng.uniform(0.0, 0.25))
+        img = paper + (ink - paper) * m
+        channels = 1
+    elif domain == "noisy_gray":
+        g_bg = rng.uniform(0.2, 0.8)
+        g_fg = g_bg + rng.choice([-1, 1]) * rng.uniform(0.3, 0.5)
+        if not 0 <= g_fg <= 1:
+            g_fg = g_bg - (g_fg - g_bg)
+        img = np.float32(g_bg) + np.float32(g_fg - g_bg) * m
+        channels = 1
+    else:
+        raise ValueError(f"unknown domain {domain!r}")
+    noise = controls["noise"]
+    if noise > 0:
+        grain = rng.standard_normal((size, size, channels), dtype=np.float32)
+        img = img + grain * np.float32(noise)
+    img = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    return img
+
+
+def synthetic_images(kind="shapes", classes=5, n_per_class=20, image_size=64,
+                     domain="photo", seed=0, transform=None, **controls):
+    """Make a balanced dataset of drawn shapes or textures.
+
+    Args:
+        kind: "shapes" (SHAPES) or "textures" (TEXTURES).
+        classes: how many classes (the first ones of SHAPES or TEXTURES),
+            or a list of their names.
+        n_per_class: images per class.
+        image_size: side of the square images in pixels (16 to 1024).
+        domain: how the classes are rendered, one of DOMAINS: "photo"
+            (colourful, photo-like), "sketch" (black lines on white),
+            "noisy_gray" (grayscale, heavy noise), "silhouette" (flat dark
+            shapes on white).
+        seed: the same seed gives the same images, on any machine; use
+            different seeds for training and test sets.
+        transform: applied to each PIL image, e.g. pretrained.transform.
+        **controls: colours (photo foregrounds: names, hex codes or RGB
+            tuples), backgrounds (photo: "solid", "gradient", "clouds"),
+            noise (0-1 standard deviation), rotation (largest turn in
+            degrees), scale (a number or a (min, max) range: shape size or
+            texture period as a fraction of the image).
+
+    Returns:
+        a SyntheticImages dataset with .classes and .targets; images are
+        drawn when read.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose from: "
+                         f"{', '.join(KINDS)}")
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; choose from: "
+                         f"{', '.join(DOMAINS)}")
+    names = _check_classes(kind, classes)
+    if (not isinstance(n_per_class, int) or isinstance(n_per_class, bool)
+            or n_per_class < 1):
+        raise ValueError(f"n_per_class must be an int >= 1, got "
+                         f"{n_per_class!r}")
+    if (not isinstance(image_size, int) or isinstance(image_size, bool)
+            or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
+        raise ValueError(
+            f"image_size must be an int from {MIN_IMAGE_SIZE} to "
+            f"{MAX_IMAGE_SIZE} pixels, got {image_size!r}; below "
+            f"{MIN_IMAGE_SIZE} px the shapes cannot be told apart")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    checked = _check_controls(kind, domain, controls)
+    return SyntheticImages(kind, names, n_per_class, image_size, domain,
+                           seed, transform, checked)
+
+
+# ------------------------------------------------------- real offline data
+
+
+def digits(transform=None, image_size=32):
+    """Load scikit-learn's 8x8 handwritten digits as RGB images.
+
+    1,797 images of the digits 0-9, white ink on black, upscaled to
+    `image_size`: a domain far from ImageNet's photos.
+    """
+    from sklearn.datasets import load_digits
+
+    if not isinstance(image_size, int) or not 8 <= image_size <= 1024:
+        raise ValueError(f"image_size must be an int from 8 to 1024, got "
+                         f"{image_size!r}")
+    bunch = load_digits()
+    pixels = np.clip(bunch.images * (255 / 16), 0, 255).astype(np.uint8)
+    size = (image_size, image_size)
+    images = [Image.fromarray(p).resize(size, Image.BILINEAR).convert("RGB")
+              for p in pixels]
+    return LabelledImages(images, bunch.target.tolist(),
+                          [str(d) for d in range(10)], transform)
+
+
+# Photos bundled with scikit-image: what each shows, and the ImageNet-1k
+# class ids a good model should rank first (any of them; None: ImageNet
+# has no such class, so every answer is wrong - worth showing learners).
+# Measured with efficientnet_lite0: chelsea -> Egyptian cat / tiger cat,
+# coffee -> espresso, rocket -> missile, motorcycle -> moped, astronaut ->
+# bobsled (12 %).
+SAMPLE_PHOTOS = MappingProxyType({
+    "chelsea": ("a tabby cat", (281, 282, 285)),  # tabby, tiger/Egyptian cat
+    "coffee": ("a cup of coffee", (967, 968)),  # espresso, cup
+    "rocket": ("a rocket on its pad", (657, 744, 812)),  # missile,
+    #                                      projectile, space shuttle
+    "motorcycle": ("a motorbike", (665, 670)),  # moped, motor scooter
+    "astronaut": ("an astronaut", None),
+})
+
+
+def sample_photos():
+    """Return scikit-image's bundled photos as RGB PIL images, by name.
+
+    See SAMPLE_PHOTOS for what each shows and its expected ImageNet ids.
+    """
+    from skimage import data as skdata
+
+    arrays = {"chelsea": skdata.chelsea(), "coffee": skdata.coffee(),
+              "rocket": skdata.rocket(), "astronaut": skdata.astronaut(),
+              "motorcycle": skdata.stereo_motorcycle()[0]}
+    return {name: Image.fromarray(np.asarray(a)).convert("RGB")
+            for name, a in arrays.items()}
+
+
+# ------------------------------------------------------ a learner's folder
+
+
+def load_image(path):
+    """Open an image file as RGB, upright, with transparency made white."""
+    with Image.open(path) as im:
+        # phones store portrait photos sideways plus an EXIF rotation tag
+        return _to_rgb(ImageOps.exif_transpose(im))
+
+
+def _to_rgb(im):
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit or float grayscale: stretch to 8 bits instead of clipping
+        a = np.asarray(im, dtype=np.float64)
+        top = a.max() if a.size and a.max() > 0 else 1.0
+        im = Image.fromarray((a / top * 255).astype(np.uint8))
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (
+        im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _readable(path):
+    """Return None if the file decodes as an image, else the reason."""
+    try:
+        with Image.open(path) as im:
+            # decoding at reduced size still reads the whole JPEG stream,
+            # so truncated files fail here, only faster
+            im.draft("RGB", (64, 64))
+            im.load()
+    except (OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as err:
+        return str(err) or type(err).__name__
+    return None
+
+
+def _visible(entries):
+    return sorted((e for e in entries if not e.name.startswith(".")),
+                  key=lambda e: e.name)
+
+
+def _class_files(folder):
+    files, other = [], []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in sorted(names):
+            if n.startswith("."):
+                continue
+            path = os.path.join(root, n)
+            if n.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(path)
+            else:
+                other.append(path)
+    return files, other
+
+
+def _scan_folder(path, check, progress):
+    """Check a one-folder-per-class tree; return (root, classes, ok, bad)."""
+    path = Path(path).expanduser()
+    layout = (f"Put your images in one sub-folder per class, e.g. "
+              f"{path / 'cats'}/1.jpg and {path / 'dogs'}/1.jpg.")
+    if not path.exists():
+        raise FileNotFoundError(f"image folder not found: {path}. Check "
+                                f"the spelling and the current folder "
+                                f"({Path.cwd()}). {layout}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder. {layout}")
+    entries = _visible(os.scandir(path))
+    class_dirs = [e for e in entries if e.is_dir()]
+    if not class_dirs:
+        loose = [e.name for e in entries
+                 if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        what = (f"it holds {len(loose)} images but no class folders"
+                if loose else "it is empty")
+        raise ValueError(f"no class folders in {path}: {what}. {layout}")
+    if len(class_dirs) == 1:
+        raise ValueError(
+            f"only one class folder ({class_dirs[0].name!r}) in {path}; a "
+            "classifier needs at least two classes: add a second "
+            f"sub-folder of images. {layout}")
+    names = {e.name.lower() for e in class_dirs}
+    if names <= _SPLIT_NAMES:
+        split = sorted(e.name for e in class_dirs)
+        raise ValueError(
+            f"the sub-folders of {path} look like data splits ({split}), "
+            "not classes; load each split on its own, e.g. "
+            f"image_folder({str(path / split[0])!r})")
+    classes, found, empty = [], {}, []
+    for entry in class_dirs:
+        files, other = _class_files(entry.path)
+        if files:
+            classes.append(entry.name)
+            found[entry.name] = files
+        else:
+            kinds = sorted({Path(o).suffix.lower() or "(none)"
+                            for o in other})
+            extra = (f" (only files of types {', '.join(kinds)})"
+                     if kinds else " (empty)")
+            empty.append(f"{entry.name!r}{extra}")
+    if empty:
+        raise ValueError(
+            f"class folders without images in {path}: {', '.join(empty)}. "
+            "Add images with one of the extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)}, or remove those folders.")
+    good, bad = set(), []
+    all_files = [f for c in classes for f in found[c]]
+    if check:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(all_files, desc="checking images", unit="file",
+                   disable=not progress or len(all_files) < 200)
+        for f in bar:
+            reason = _readable(f)
+            if reason is None:
+                good.add(f)
+            else:
+                bad.append((f, reason))
+    else:
+        good.update(all_files)
+    reasons = dict(bad)
+    for c in classes:
+        if not any(f in good for f in found[c]):
+            first = found[c][0]
+            raise ValueError(
+                f"no readable images in class folder {c!r} of {path}: all "
+                f"{len(found[c])} files failed to open (e.g. "
+                f"{os.path.basename(first)}: {reasons.get(first)}); replace "
+                "them with working JPEG or PNG files")
+    return path, classes, good, bad
+
+
+def _skip_warning(path, bad, shown=10):
+    lines = [f"  {os.path.relpath(f, path)}: {why}" for f, why in bad[:shown]]
+    if len(bad) > shown:
+        lines.append(f"  ... and {len(bad) - shown} more")
+    return (f"skipped {len(bad)} unreadable image file(s) in {path} "
+            "(corrupt, truncated or not really images); delete or "
+            "replace them to silence this warning:\n" + "\n".join(lines))
+
+
+class CheckedImageFolder(ImageFolder):
+    """An ImageFolder that ignores hidden folders; made by image_folder()."""
+
+    def find_classes(self, directory):
+        """Return the visible sub-folders as classes, sorted by name."""
+        classes = [e.name for e in _visible(os.scandir(directory))
+                   if e.is_dir()]
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def image_folder(path, transform=None, check=True, progress=True):
+    """Load a folder with one sub-folder of images per class, with checks.
+
+    Explains a missing path, an empty folder, a single class and class
+    folders without images. Files that cannot be decoded are skipped with
+    one warning that lists them (check=False skips that decoding pass).
+    Grayscale, transparent and palette images come out as RGB; hidden
+    files and folders (like .ipynb_checkpoints) are ignored.
+
+    Returns:
+        a CheckedImageFolder (a torchvision ImageFolder) with .classes,
+        .targets and .samples.
+    """
+    root, classes, good, bad = _scan_folder(path, check, progress)
+    if bad:
+        warnings.warn(_skip_warning(root, bad), UserWarning, stacklevel=2)
+    return CheckedImageFolder(str(root), transform=transform,
+                              loader=load_image,
+                              is_valid_file=good.__contains__)
+
+
+# ------------------------------------------------------------- downloads
+
+
+class DataUnavailableError(RuntimeError):
+    """A dataset is not on this machine and cannot be downloaded now."""
+
+
+class DataChecksumError(ValueError):
+    """A downloaded file does not match its expected sha256 checksum."""
+
+
+@dataclass(frozen=True)
+class Download:
+    """One downloadable dataset: where it lives and how to check it."""
+
+    name: str
+    url: str
+    sha256: str
+    archive: str  # "zip", "tar.gz" or "file"
+    folder: str  # what the archive unpacks to (the folder we return)
+    description: str
+    size_mb: float
+
+
+# Checksums as published in TensorFlow Datasets' url_checksums lists.
+DOWNLOADS = MappingProxyType({
+    "imagenette": Download(
+        name="imagenette",
+        url="https://s3.amazonaws.com/fast-ai-imageclas/"
+            "imagenette2-160.tgz",
+        sha256="88daccb09b6fce93f45e6c09ddeb269cce705549e6bff322092a2a5a"
+               "11489863",
+        archive="tar.gz", folder="imagenette2-160",
+        description="10 easy ImageNet classes (fast.ai's Imagenette, "
+                    "160 px), train/ and val/ folders: a near domain",
+        size_mb=99.0),
+    "flowers": Download(
+        name="flowers",
+        url="http://download.tensorflow.org/example_images/"
+            "flower_photos.tgz",
+        sha256="4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e"
+               "3e595d9c",
+        archive="tar.gz", folder="flower_photos",
+        description="3,670 photos of 5 kinds of flowers (TensorFlow "
+                    "flower_photos), one folder per class",
+        size_mb=229.0),
+})
+
+
+def file_sha256(path, chunk=1 << 20):
+    """Return the sha256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path, sha256):
+    """Raise DataChecksumError unless the file's sha256 is `sha256`."""
+    actual = file_sha256(path)
+    if actual != sha256.lower():
+        raise DataChecksumError(
+            f"checksum mismatch for {path}: expected sha256 {sha256}, got "
+            f"{actual}. The file is damaged or was changed at the source; "
+            "delete it and download again.")
+    return path
+
+
+def _lookup(name, registry):
+    if isinstance(name, Download):
+        return name
+    if name not in registry:
+        raise ValueError(f"unknown dataset {name!r}; choose from: "
+                         f"{', '.join(registry) or '(none)'}")
+    return registry[name]
+
+
+def _fetch(url, dest, progress):
+    """Stream `url` into the open binary file `dest`."""
+    from tqdm.auto import tqdm
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True,
+                  desc=os.path.basename(url),
+                  disable=not progress) as bar:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                dest.write(block)
+                bar.update(len(block))
+
+
+# What a failed connection raises (a full disk is not among them).
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException,
+                   ConnectionError, TimeoutError)
+
+
+def _unavailable(entry, archive, why):
+    return DataUnavailableError(
+        f"cannot download {entry.name!r}: {why}. Either connect to the "
+        f"network (and unset TLH_OFFLINE), or fetch {entry.url} on another "
+        f"machine and copy it to {archive}; it is checked against its "
+        "sha256 and unpacked there. Offline, synthetic_images() and "
+        "digits() need no download.")
+
+
+def _extract(entry, archive, target):
+    """Unpack an archive into `target`, refusing paths that leave it."""
+    if entry.archive == "zip":
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                dest = (target / member).resolve()
+                if not dest.is_relative_to(target.resolve()):
+                    raise DataChecksumError(
+                        f"{archive} holds an unsafe path {member!r}")
+            zf.extractall(target)
+    elif entry.archive == "tar.gz":
+        with tarfile.open(archive, "r:*") as tf:
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(target, filter="data")
+            else:  # Pythons before the extraction filters
+                for member in tf.getmembers():
+                    dest = (target / member.name).resolve()
+                    if (not dest.is_relative_to(target.resolve())
+                            or member.issym() or member.islnk()
+                            or member.isdev()):
+                        raise DataChecksumError(
+                            f"{archive} holds an unsafe entry "
+                            f"{member.name!r}")
+                tf.extractall(target)
+    elif entry.archive == "file":
+        shutil.copy2(archive, target / entry.folder)
+    else:
+        raise ValueError(f"unknown archive type {entry.archive!r} for "
+                         f"{entry.name!r}; use 'zip', 'tar.gz' or 'file'")
+
+
+def download(name, root=None, registry=None, progress=True):
+    """Download, verify and unpack a dataset once; return its folder.
+
+    Args:
+        name: a key of DOWNLOADS (or of `registry`), or a Download entry.
+        root: where datasets are kept; default config.cache_dir("data").
+        registry: a mapping of name -> Download to use instead of DOWNLOADS.
+
+    Returns:
+        Path of the unpacked folder, e.g. .../imagenette/imagenette2-160.
+    """
+    entry = _lookup(name, DOWNLOADS if registry is None else registry)
+    base = Path(root).expanduser() if root else config.cache_dir("data")
+    home = base / entry.name
+    home.mkdir(parents=True, exist_ok=True)
+    final = home / entry.folder
+    marker = home / ".complete"
+    if (final.exists() and marker.exists()
+            and marker.read_text().strip() == entry.sha256):
+        return final
+    filename = os.path.basename(entry.url.rstrip("/")) or entry.name
+    archive = home / filename
+    if not archive.exists():
+        if config.offline_mode():
+            raise _unavailable(entry, archive, "TLH_OFFLINE is set")
+        # download next to the archive, then rename: never half a file
+        fd, tmp = tempfile.mkstemp(dir=home, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _fetch(entry.url, out, progress)
+            verify_sha256(tmp, entry.sha256)
+            os.replace(tmp, archive)
+        except _NETWORK_ERRORS as err:
+            raise _unavailable(entry, archive,
+                               f"the download failed ({err})") from err
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        verify_sha256(archive, entry.sha256)
+    work = Path(tempfile.mkdtemp(dir=home, prefix=".unpack-"))
+    try:
+        _extract(entry, archive, work)
+        if not (work / entry.folder).exists():
+            raise DataChecksumError(
+                f"{archive} did not unpack to a folder {entry.folder!r}; "
+                "the registry entry is wrong")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work / entry.folder, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _atomic_write(marker, entry.sha256 + "\n")
+    archive.unlink()
+    return final
+
+
+def _atomic_write(path, text):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,526 @@
+"""Interactive widgets: a live training plot, a training explorer and a
+feature-map browser.
+
+Every widget also works where no one can see it (a plain Python script,
+a notebook run by nbclient or nbval in CI): the live plot then prints one
+line per epoch, and the widgets' handlers (`run`, `show`) can be called
+directly, which is how the tests drive them.
+"""
+
+import os
+import sys
+
+from tlhelpers import plots
+
+MODES = ("auto", "widget", "text")
+STRATEGIES = ("head only", "last k groups", "full fine-tuning")
+
+# Programs that execute notebooks with nobody watching: widgets sent from
+# their kernels are never drawn, so the live plot prints instead.
+HEADLESS_RUNNERS = ("pytest", "nbclient", "nbval", "nbconvert", "papermill",
+                    "nbmake", "testbook", "tlcourse", "tlhelpers.cli",
+                    "tlhelpers.runner", "tlhelpers.grading")
+
+__all__ = ["LivePlot", "has_frontend", "training_explorer",
+           "TrainingExplorer", "feature_map_browser", "FeatureMapBrowser",
+           "apply_strategy", "short_training", "STRATEGIES"]
+
+
+# ---------------------------------------------------------------- front end
+
+
+def _parent_cmdline(environ):
+    pid = environ.get("JPY_PARENT_PID")
+    if not pid:
+        return ""
+    try:
+        import psutil
+
+        return " ".join(psutil.Process(int(pid)).cmdline())
+    except Exception:  # gone, not ours to read, or psutil missing
+        return ""
+
+
+def has_frontend(shell=None, environ=None, parent_cmdline=None):
+    """Say whether a person can see widgets drawn from this process.
+
+    True inside a Jupyter kernel that a front end (JupyterLab, Notebook,
+    VS Code, Colab) talks to; False in plain Python and in kernels run
+    headless by nbclient, nbval, nbconvert or papermill. TLH_LIVE=text or
+    TLH_LIVE=widget overrides the guess.
+
+    Args:
+        shell: the IPython shell (default: get_ipython()).
+        environ: the environment (default: os.environ).
+        parent_cmdline: the command line of the program that started the
+            kernel (default: read from JPY_PARENT_PID).
+    """
+    env = os.environ if environ is None else environ
+    forced = env.get("TLH_LIVE", "").strip().lower()
+    if forced in ("text", "widget"):
+        return forced == "widget"
+    if shell is None:
+        shell = plots._get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:
+        return False
+    if env.get("JPY_SESSION_NAME"):
+        return True  # a Jupyter server opened this notebook for someone
+    if parent_cmdline is None:
+        parent_cmdline = _parent_cmdline(env)
+    low = parent_cmdline.lower()
+    return not any(name in low for name in HEADLESS_RUNNERS)
+
+
+def _resolve_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "widget" if has_frontend() else "text"
+    return mode
+
+
+def _render(output, fig):
+    """Show a figure in an Output widget as a PNG; return the PNG bytes.
+
+    The figure is closed at once: left open, a notebook's inline backend
+    would draw it a second time under the next cell.
+    """
+    png = plots.figure_to_png(fig)
+    plots._pyplot().close(fig)
+    if plots._in_ipython_kernel():
+        from IPython.display import Image, clear_output, display
+
+        with output:
+            clear_output(wait=True)
+            display(Image(data=png, format="png"))
+    return png
+
+
+def _display(widget):
+    if plots._in_ipython_kernel():
+        from IPython.display import display
+
+        display(widget)
+
+
+# ---------------------------------------------------------------- live plot
+
+
+def _format_lr(lrs):
+    values = sorted({float(v) for v in (lrs or {}).values()
+                     if v is not None})
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"lr {values[0]:.1e}"
+    return f"lr {values[0]:.1e}..{values[-1]:.1e}"
+
+
+def _format_epoch(record, total=None, events=()):
+    epoch = record.get("epoch", "?")
+    parts = [f"epoch {epoch}" + (f"/{total}" if total else "")]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        value = record.get(key)
+        if value is None:
+            continue
+        value = float(value)
+        parts.append(f"{key} {value:.1%}" if key.endswith("acc")
+                     and value <= 1.0 else f"{key} {value:.4f}")
+    lr = _format_lr(record.get("lrs"))
+    if lr:
+        parts.append(lr)
+    if record.get("time") is not None:
+        parts.append(f"{float(record['time']):.1f}s")
+    unfrozen = [str(e.get("group")) for e in events
+                if e.get("kind", "unfreeze") == "unfreeze"
+                and e.get("epoch") == epoch]
+    if unfrozen:
+        parts.append("unfroze " + ", ".join(unfrozen))
+    return "  ".join(parts)
+
+
+class LivePlot:
+    """Show training as it happens: pass one to fit(..., live=LivePlot()).
+
+    In a notebook someone is looking at, the training curves are redrawn
+    after every epoch inside a widget. Elsewhere (a script, CI) one line
+    per epoch is printed instead. fit() calls ``update(history)`` after
+    each epoch and ``close()`` at the end.
+
+    Args:
+        mode: "auto" (guess with has_frontend()), "widget" or "text".
+        epochs: the planned number of epochs, shown as "epoch 3/10".
+        metrics: the plot_history panels to draw.
+        autodisplay: show the widget under the cell at the first update
+            (set False when you place ``.widget`` in a layout yourself).
+    """
+
+    def __init__(self, mode="auto", epochs=None,
+                 metrics=("loss", "accuracy", "lr"), title=None,
+                 autodisplay=True, file=None):
+        self.mode = _resolve_mode(mode)
+        self.epochs = epochs
+        self.metrics = metrics
+        self.title = title
+        self.autodisplay = autodisplay
+        self.file = file
+        self.lines = []       # what text mode printed
+        self.png = None       # the last figure drawn in widget mode
+        self.updates = 0
+        self.closed = False
+        self._reported = 0
+        self._displayed = False
+        self.widget = None
+        if self.mode == "widget":
+            import ipywidgets as widgets
+
+            self.widget = widgets.Output(
+                layout=widgets.Layout(min_height="120px"))
+
+    def update(self, history):
+        """Report the epochs of `history` not reported yet."""
+        records, events = plots._as_history(history)
+        self.updates += 1
+        if len(records) < self._reported:  # a new run started
+            self._reported = 0
+        if self.mode == "text":
+            out = self.file or sys.stdout
+            for record in records[self._reported:]:
+                line = _format_epoch(record, self.epochs, events)
+                self.lines.append(line)
+                print(line, file=out, flush=True)
+        elif records:
+            if self.autodisplay and not self._displayed:
+                _display(self.widget)
+                self._displayed = True
+            try:
+                fig = plots.plot_history(history, metrics=self.metrics,
+                                         title=self._title(records))
+            except ValueError:
+                # Nothing plottable yet (e.g. no loss recorded): wait.
+                return
+            self.png = _render(self.widget, fig)
+        self._reported = len(records)
+
+    def _title(self, records):
+        last = records[-1].get("epoch", len(records))
+        done = f"epoch {last}" + (f" of {self.epochs}" if self.epochs
+                                  else "")
+        return f"{self.title} ({done})" if self.title else \
+            f"Training live: {done}"
+
+    def close(self):
+        """Finish: the last figure (or the printed lines) stays visible."""
+        self.closed = True
+
+    def reset(self):
+        """Forget what was reported, to follow a new training run."""
+        self._reported = 0
+        self.lines = []
+        self.png = None
+        self.closed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def _repr_mimebundle_(self, **kwargs):
+        if self.widget is not None:
+            self._displayed = True
+            return self.widget._repr_mimebundle_(**kwargs)
+        return {"text/plain": repr(self)}
+
+    def __repr__(self):
+        return (f"LivePlot(mode={self.mode!r}, epochs={self.epochs}, "
+                f"updates={self.updates})")
+
+
+# ---------------------------------------------------------------- explorer
+
+
+def _strategy_key(strategy):
+    key = str(strategy).strip().lower().replace("-", "_").replace(" ", "_")
+    return {"last_k_groups": "last_k"}.get(key, key)
+
+
+def apply_strategy(model, strategy, groups=None):
+    """Freeze a model for a strategy: "head only", "last k groups" (the
+    last `groups` layer groups, head included) or "full fine-tuning".
+
+    training's names (head_only, last_k, full_fine_tuning) work too.
+    """
+    from tlhelpers import models
+
+    key = _strategy_key(strategy)
+    if key == "head_only":
+        models.freeze(model)
+    elif key == "last_k":
+        total = len(models.layer_groups(model))
+        if not isinstance(groups, int) or not 1 <= groups <= total:
+            raise ValueError(f"'last k groups' needs groups between 1 and "
+                             f"{total} (this model's group count), got "
+                             f"{groups!r}")
+        models.freeze_to(model, -groups)
+    elif key == "full_fine_tuning":
+        models.unfreeze(model)
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}: choose one of "
+                         f"{STRATEGIES}")
+    return model
+
+
+def short_training(backbone, strategy, groups, lr, epochs, live=None,
+                   classes=4, n_per_class=12, image_size=64, seed=0):
+    """Fine-tune a backbone briefly on synthetic shapes; return History.
+
+    This is what the training explorer runs by default: small enough to
+    finish in well under a minute on a laptop CPU.
+    """
+    from tlhelpers import config, data, models, training
+
+    config.seed_everything(seed)
+    pre = models.load_pretrained(backbone, num_classes=classes,
+                                 image_size=image_size)
+    full = data.synthetic_images("shapes", classes=classes,
+                                 n_per_class=n_per_class,
+                                 image_size=image_size, seed=seed,
+                                 transform=pre.transform)
+    train, val = data.train_val_split(full, val_fraction=0.25, seed=seed)
+    train_loader, val_loader = data.make_loaders(train, val, batch_size=16)
+    apply_strategy(pre, strategy, groups)
+    optimizer = models.make_optimizer(pre, lr=lr)
+    return training.fit(pre.model, train_loader, val_loader, optimizer,
+                        epochs, progress=False, live=live)
+
+
+def _group_count(backbone):
+    """Number of layer groups of a backbone, or None if it can't be built."""
+    try:
+        from tlhelpers import models
+
+        pre = models.load_pretrained(backbone, weights=None)
+        return len(pre.groups)
+    except Exception:
+        return None
+
+
+class TrainingExplorer:
+    """Choose a backbone, a strategy and a learning rate; run; watch.
+
+    Attributes (the controls): backbone, strategy, groups, lr, epochs,
+    run_button, status, plan, live (a LivePlot), output, widget (the whole
+    layout, also shown when the explorer is displayed).
+    """
+
+    def __init__(self, train_fn=None, backbones=None, lr=1e-3, epochs=3,
+                 max_groups=None, live_mode="auto"):
+        import ipywidgets as widgets
+
+        if backbones is None:
+            from tlhelpers import models
+
+            backbones = models.MODEL_NAMES
+        backbones = list(backbones)
+        if not backbones:
+            raise ValueError("backbones is empty: pass at least one name, "
+                             "e.g. ['efficientnet_lite0']")
+        self.train_fn = train_fn or short_training
+        self.history = None
+        self.error = None
+        self._max_groups = max_groups
+        self.backbone = widgets.Dropdown(options=backbones,
+                                         value=backbones[0],
+                                         description="backbone")
+        self.strategy = widgets.ToggleButtons(options=STRATEGIES,
+                                              value=STRATEGIES[0],
+                                              description="strategy")
+        self.groups = widgets.IntSlider(value=2, min=1, max=max_groups or 8,
+                                        description="groups (k)",
+                                        disabled=True)
+        self.lr = widgets.FloatLogSlider(value=lr, base=10, min=-6, max=-1,
+                                         step=0.25, readout_format=".1e",
+                                         description="learning rate")
+        self.epochs = widgets.IntSlider(value=epochs, min=1, max=30,
+                                        description="epochs")
+        self.run_button = widgets.Button(description="Run",
+                                         button_style="primary",
+                                         icon="play")
+        self.status = widgets.HTML()
+        self.plan = widgets.HTML()
+        self.output = widgets.Output()
+        self.live = LivePlot(mode=live_mode, autodisplay=False)
+        self.strategy.observe(self._on_change, names="value")
+        self.groups.observe(self._on_change, names="value")
+        self.lr.observe(self._on_change, names="value")
+        self.backbone.observe(self._on_backbone, names="value")
+        self.run_button.on_click(self.run)
+        children = [self.backbone, self.strategy, self.groups, self.lr,
+                    self.epochs, widgets.HBox([self.run_button,
+                                               self.status]),
+                    self.plan, self.output]
+        if self.live.widget is not None:
+            children.append(self.live.widget)
+        self.widget = widgets.VBox(children)
+        if max_groups is None:
+            self._on_backbone({"new": self.backbone.value})
+        self._on_change()
+
+    def settings(self):
+        """Return the chosen settings as train_fn keyword arguments."""
+        k = self.groups.value if self.strategy.value == "last k groups" \
+            else None
+        return {"backbone": self.backbone.value,
+                "strategy": self.strategy.value, "groups": k,
+                "lr": float(self.lr.value), "epochs": int(self.epochs.value)}
+
+    def _on_change(self, change=None):
+        s = self.settings()
+        self.groups.disabled = s["strategy"] != "last k groups"
+        what = {"head only": "only the new head",
+                "last k groups": f"the last {s['groups']} layer groups "
+                                 "(head included)",
+                "full fine-tuning": "every layer"}[s["strategy"]]
+        self.plan.value = (f"Will train <b>{what}</b> of "
+                           f"<code>{s['backbone']}</code> at learning rate "
+                           f"<b>{s['lr']:.1e}</b>; the rest stays frozen."
+                           if s["strategy"] != "full fine-tuning" else
+                           f"Will train <b>every layer</b> of "
+                           f"<code>{s['backbone']}</code> at learning rate "
+                           f"<b>{s['lr']:.1e}</b>.")
+
+    def _on_backbone(self, change):
+        count = self._max_groups or _group_count(change["new"])
+        if count:
+            self.groups.max = count
+            self.groups.value = min(self.groups.value, count)
+        self._on_change()
+
+    def run(self, button=None):
+        """Train with the chosen settings (the Run button's handler)."""
+        s = self.settings()
+        self.run_button.disabled = True
+        self.error = None
+        self.status.value = "training..."
+        self.live.reset()
+        self.live.epochs = s["epochs"]
+        try:
+            with self.output:
+                self.output.clear_output()
+                self.history = self.train_fn(live=self.live, **s)
+            self.status.value = "done" + self._summary(self.history)
+        except Exception as err:  # show it to the learner, don't lose it
+            self.error = err
+            self.status.value = (f"<span style='color:{plots.MISTAKE_COLOR}'>"
+                                 f"failed: {type(err).__name__}: {err}"
+                                 "</span>")
+        finally:
+            self.live.close()
+            self.run_button.disabled = False
+        return self.history
+
+    @staticmethod
+    def _summary(history):
+        try:
+            records, _ = plots._as_history(history)
+        except TypeError:
+            return ""
+        if records and records[-1].get("val_acc") is not None:
+            return f": validation accuracy {float(records[-1]['val_acc']):.1%}"
+        return ""
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def training_explorer(train_fn=None, backbones=None, lr=1e-3, epochs=3,
+                      max_groups=None, live_mode="auto"):
+    """Build the training explorer: pick settings, press Run, watch.
+
+    Args:
+        train_fn: called as train_fn(backbone=, strategy=, groups=, lr=,
+            epochs=, live=) and returning a History; default
+            short_training (synthetic shapes, a few seconds per epoch).
+        backbones: names to offer (default: every registered backbone).
+        max_groups: the largest k for "last k groups" (default: the
+            backbone's group count).
+    """
+    return TrainingExplorer(train_fn=train_fn, backbones=backbones, lr=lr,
+                            epochs=epochs, max_groups=max_groups,
+                            live_mode=live_mode)
+
+
+# ---------------------------------------------------------------- browser
+
+
+class FeatureMapBrowser:
+    """A slider over the network's stages showing one stage's feature maps.
+
+    Attributes: maps (stage name -> [C, H, W] tensor), slider, output,
+    widget, png (the last drawing), stage (the stage shown).
+    """
+
+    def __init__(self, model, image, channels=8, mean=None, std=None):
+        import ipywidgets as widgets
+
+        self.maps = plots.feature_maps(model, image)
+        self.image = image
+        self.channels = channels
+        meta = getattr(model, "meta", None) or {}
+        self.mean = meta.get("mean") if mean is None else mean
+        self.std = meta.get("std") if std is None else std
+        self._transform = getattr(model, "transform", None)
+        self.stage = None
+        self.png = None
+        names = list(self.maps)
+        self.slider = widgets.SelectionSlider(
+            options=names, value=names[0], description="stage",
+            continuous_update=False)
+        self.output = widgets.Output()
+        self.widget = widgets.VBox([self.slider, self.output])
+        self.slider.observe(self._on_change, names="value")
+        self.show(names[0])
+
+    def _on_change(self, change):
+        self.show(change["new"])
+
+    def show(self, stage):
+        """Draw one stage, given by name or position; return the Figure's
+        PNG bytes."""
+        names = list(self.maps)
+        if isinstance(stage, int):
+            if not -len(names) <= stage < len(names):
+                raise ValueError(f"stage index {stage} is out of range: "
+                                 f"there are {len(names)} stages")
+            stage = names[stage]
+        if stage not in self.maps:
+            raise ValueError(f"unknown stage {stage!r}: choose from {names}")
+        image = self.image
+        if plots._is_pil(image) and self._transform is not None:
+            image = self._transform(image)
+        position = names.index(stage) + 1
+        fig = plots.plot_feature_maps(
+            self.maps, image, channels=self.channels, stages=[stage],
+            mean=self.mean, std=self.std,
+            title=f"Layer group {position} of {len(names)}: {stage} "
+                  "(most active channels)")
+        self.stage = stage
+        self.png = _render(self.output, fig)
+        return self.png
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def feature_map_browser(model, image, channels=8, mean=None, std=None):
+    """Build a slider that walks through the feature maps of one image.
+
+    Args:
+        model: an nn.Module or the object returned by load_pretrained.
+        image: a preprocessed tensor [C, H, W], or a PIL image (a
+            Pretrained's own transform is applied).
+    """
+    return FeatureMapBrowser(model, image, channels=channels, mean=mean,
+                             std=std)
