@@ -122,8 +122,8 @@ def test_plot_history_draws_loss_accuracy_and_lr_per_group():
     assert loss.get_xlabel() == acc.get_xlabel() == "epoch"
     assert lr.get_yscale() == "log"
     assert {"train", "val"} <= set(legend_labels(loss))
-    # "+no_decay" twins are one group; stem-side groups come first.
-    assert legend_labels(lr) == ["stage7", "head"]
+    # "+no_decay" twins are one group; the head is listed on top.
+    assert legend_labels(lr) == ["head", "stage7"]
 
 
 def test_plot_history_marks_unfreeze_events_with_line_and_label():

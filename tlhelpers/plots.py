@@ -387,7 +387,10 @@ def _plot_single_history(records, events, metrics, title, figsize,
             ax.set_yscale("log")
             ax.set_ylabel("learning rate (log scale)")
             ax.set_title("Learning rate per group")
-            ax.legend(fontsize=7, loc="center left",
+            # Head on top, as in the network and the unfreezing timeline.
+            handles, labels = ax.get_legend_handles_labels()
+            ax.legend(handles[::-1], labels[::-1], fontsize=7,
+                      loc="center left",
                       bbox_to_anchor=(1.0, 0.5), title="group",
                       title_fontsize=7, frameon=False)
         if len(x):

@@ -131,6 +131,8 @@ def kernel_env(environ=None, smoke=False, solutions=False):
     # A kernel draws inline, as in Jupyter: an MPLBACKEND meant for scripts
     # (CI sets Agg) would leave the HTML pages without their plots.
     env["MPLBACKEND"] = INLINE_BACKEND
+    # No one watches a headless run: live plots print one line per epoch.
+    env.setdefault("TLH_LIVE", "text")
     # Silences the debugger's frozen-modules warning on every kernel start.
     env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     return env
