@@ -368,7 +368,7 @@ def test_a_failed_write_leaves_the_old_gradebook_whole(tmp_path,
     def full_disk(path, text):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("tlhelpers.runner._write_text", full_disk)
+    monkeypatch.setattr("tlhelpers.files.write_text", full_disk)
     with pytest.raises(OSError):
         _book().write(out)
     assert out.read_text() == "the old gradebook\n"

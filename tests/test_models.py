@@ -485,3 +485,14 @@ def test_deepcopy_keeps_the_batchnorm_policy():
     before = twin.bn1.running_mean.clone()
     twin(torch.randn(2, 3, 32, 32))
     assert torch.equal(before, twin.bn1.running_mean)
+
+
+def test_as_module_unwraps_what_load_pretrained_returns():
+    pretrained = M.load_pretrained("efficientnet_lite0", num_classes=3,
+                                   weights=None)
+    assert M.as_module(pretrained) is pretrained.model
+    layer = torch.nn.Linear(2, 2)
+    assert M.as_module(layer) is layer
+    with pytest.raises(TypeError, match="expected a model"):
+        M.as_module("resnet18")
+

@@ -165,6 +165,13 @@ def test_plot_history_compares_runs_given_as_a_dict():
     assert legend_labels(fig.axes[1])[:2] == ["train", "val"]
 
 
+def test_plot_history_keeps_the_run_names_on_a_single_panel():
+    fig = plots.plot_history({"head only": records(),
+                              "full": history_obj()}, metrics="accuracy")
+    (ax,) = fig.axes
+    assert legend_labels(ax)[:4] == ["head only", "full", "train", "val"]
+
+
 def test_plot_history_explains_an_empty_history():
     with pytest.raises(ValueError, match="0 epoch record"):
         plots.plot_history([])

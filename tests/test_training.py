@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 from torch.utils.data import DataLoader, TensorDataset
 
-from tlhelpers import data, models
+from tlhelpers import data, files, models
 from tlhelpers import training as T
 
 GROUPS = ["stem", "stage1", "stage2", "neck", "head"]
@@ -438,7 +438,7 @@ def test_every_random_state_round_trips_through_a_checkpoint(tmp_path):
         return (random.random(), np.random.rand(), torch.rand(3).tolist(),
                 [y.tolist() for _, y in loader])
 
-    T._save_atomic(T._rng_state(loader), tmp_path / "rng.pt")
+    files.save(T._rng_state(loader), tmp_path / "rng.pt")
     first = draw()
     saved = torch.load(tmp_path / "rng.pt", weights_only=True)
     T._set_rng_state(saved, loader)

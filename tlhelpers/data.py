@@ -39,7 +39,7 @@ from PIL import Image, ImageColor, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from tlhelpers import config
+from tlhelpers import config, files
 
 KINDS = ("shapes", "textures")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon",
@@ -1179,19 +1179,14 @@ def download(name, root=None, registry=None, progress=True):
     if not archive.exists():
         if config.offline_mode():
             raise _unavailable(entry, archive, "TLH_OFFLINE is set")
-        # download next to the archive, then rename: never half a file
-        fd, tmp = tempfile.mkstemp(dir=home, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                _fetch(entry.url, out, progress)
-            verify_sha256(tmp, entry.sha256)
-            os.replace(tmp, archive)
+        try:  # download next to the archive, then rename: never half a file
+            with files.atomic_path(archive) as tmp:
+                with open(tmp, "wb") as out:
+                    _fetch(entry.url, out, progress)
+                verify_sha256(tmp, entry.sha256)
         except _NETWORK_ERRORS as err:
             raise _unavailable(entry, archive,
                                f"the download failed ({err})") from err
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     else:
         verify_sha256(archive, entry.sha256)
     work = Path(tempfile.mkdtemp(dir=home, prefix=".unpack-"))
@@ -1206,13 +1201,8 @@ def download(name, root=None, registry=None, progress=True):
         os.replace(work / entry.folder, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _atomic_write(marker, entry.sha256 + "\n")
+    files.write_text(marker, entry.sha256 + "\n")
     archive.unlink()
     return final
 
 
-def _atomic_write(path, text):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from tlhelpers import config
+from tlhelpers import config, files
 
 STATUSES = ("correct", "incorrect", "not attempted")
 EXERCISE_TAG = "exercise:"
@@ -1396,11 +1396,10 @@ def fill_solutions(notebook_path, out_path):
             cell["source"] = EXERCISES[name].solution_code.splitlines(True)
             cell["outputs"] = []
             cell["execution_count"] = None
-    from tlhelpers.runner import _write_text
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(out_path, json.dumps(nb, indent=1, ensure_ascii=False)
-                + "\n")
+    files.write_text(out_path,
+                     json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return out_path
 
 
@@ -1422,8 +1421,7 @@ def record_answers(names, namespace, folder, heldout=None, suffix=""):
     """
     import torch
 
-    from tlhelpers.training import _save_atomic
-
+    
     folder = Path(folder)
     for name in names:
         exercise = get(name)
@@ -1435,12 +1433,12 @@ def record_answers(names, namespace, folder, heldout=None, suffix=""):
             except Exception as err:
                 evidence = exercise._evidence(error=(
                     f"the grader's held-out images are missing ({err})"))
-                _save_atomic(evidence, folder / f"{name}{suffix}.pt")
+                files.save(evidence, folder / f"{name}{suffix}.pt")
                 continue
         evidence = exercise.collect(namespace, images)
         try:
-            _save_atomic(evidence, folder / f"{name}{suffix}.pt")
+            files.save(evidence, folder / f"{name}{suffix}.pt")
         except Exception as err:
-            _save_atomic(exercise._evidence(error=(
+            files.save(exercise._evidence(error=(
                 f"your answer could not be recorded ({err})")),
                 folder / f"{name}{suffix}.pt")

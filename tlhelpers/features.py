@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tlhelpers import config, models, training
+from tlhelpers import config, files, models, training
 
 CACHE_FORMAT = "tlhelpers-features-1"
 # Items hashed from procedurally drawn datasets: enough to notice a change
@@ -233,7 +233,7 @@ def extract_features(model, dataset, batch_size=64, cache=True,
     finally:
         net.train(was_training)
     if path is not None:
-        training._save_atomic({"format": CACHE_FORMAT, "key": key,
+        files.save({"format": CACHE_FORMAT, "key": key,
                                "features": feats, "labels": labels}, path)
     return Features(feats, labels, classes)
 

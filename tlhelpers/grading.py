@@ -229,7 +229,7 @@ class Gradebook:
         Returns:
             the feedback files written.
         """
-        from tlhelpers.runner import _write_text
+        from tlhelpers import files
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,10 +240,10 @@ class Gradebook:
         written = []
         for student, text in self.feedback().items():
             target = feedback_dir / f"{_safe_name(student)}.md"
-            _write_text(target, text)
+            files.write_text(target, text)
             written.append(target)
         # The gradebook last: it never points at feedback not yet written.
-        _write_text(path, self.to_csv())
+        files.write_text(path, self.to_csv())
         return written
 
     def feedback(self):

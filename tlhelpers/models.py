@@ -16,7 +16,6 @@ import difflib
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from tlhelpers import config
+from tlhelpers import config, files
 
 DEFAULT_MODEL = "efficientnet_lite0"
 WEIGHT_CHOICES = ("imagenet", None)
@@ -301,22 +300,16 @@ def _fetch(url, path, name):
     if config.offline_mode():
         raise WeightsUnavailableError(_offline_message(name, path,
                                                        "TLH_OFFLINE is set"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    os.close(fd)
-    try:
-        torch.hub.download_url_to_file(url, tmp, progress=True)
-        _verify(tmp, _hash_prefix(path), name)
-        os.replace(tmp, path)
+    try:  # never half a file: a failed download leaves nothing behind
+        with files.atomic_path(path) as tmp:
+            torch.hub.download_url_to_file(url, str(tmp), progress=True)
+            _verify(tmp, _hash_prefix(path), name)
     except WeightsChecksumError:
         raise
     except Exception as err:
         raise WeightsUnavailableError(
             _offline_message(name, path, f"the download failed: {err}")
         ) from err
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _offline_message(name, path, why):
@@ -440,11 +433,13 @@ def classify(pretrained, image, k=5):
 # ------------------------------------------------------------ layer groups
 
 
-def _module(m):
-    if isinstance(m, Pretrained):
-        return m.model
+def as_module(m):
+    """The `nn.Module` inside `m`: `m` itself for a plain module, else
+    `m.model` (what `load_pretrained` returns, or any such wrapper)."""
     if isinstance(m, nn.Module):
         return m
+    if isinstance(getattr(m, "model", None), nn.Module):
+        return m.model
     raise TypeError("expected a model (nn.Module) or the object returned by "
                     f"load_pretrained, got {type(m).__name__}")
 
@@ -500,7 +495,7 @@ def layer_groups(m):
     Models the course does not know are split into their top-level children
     (with a warning), the last one taken as the head.
     """
-    model = _module(m)
+    model = as_module(m)
     groups = _known_groups(model)
     if groups is None:
         children = [(n, [c]) for n, c in model.named_children()
@@ -550,7 +545,7 @@ def _last_linear_path(model, head_modules):
 
 def get_head(m):
     """Return the final Linear layer that maps features to class scores."""
-    model = _module(m)
+    model = as_module(m)
     parent, attr = _last_linear_path(model, list(layer_groups(model).values())
                                      [-1])
     return getattr(parent, attr)
@@ -561,7 +556,7 @@ def replace_head(m, num_classes):
     _check_num_classes(num_classes)
     if num_classes is None:
         raise ValueError("replace_head needs num_classes, got None")
-    model = _module(m)
+    model = as_module(m)
     parent, attr = _last_linear_path(model, list(layer_groups(model).values())
                                      [-1])
     old = getattr(parent, attr)
@@ -585,7 +580,7 @@ def feature_extractor(m):
     The head becomes an identity, so a batch of preprocessed images maps to
     [N, feature_dim] features. The original model is left untouched.
     """
-    model = copy.deepcopy(_module(m))
+    model = copy.deepcopy(as_module(m))
     parent, attr = _last_linear_path(model, list(layer_groups(model).values())
                                      [-1])
     setattr(parent, attr, nn.Identity())
@@ -596,7 +591,7 @@ def feature_extractor(m):
 
 def count_parameters(m, trainable_only=False):
     """Count parameters, or only those that will be trained."""
-    return sum(p.numel() for p in _module(m).parameters()
+    return sum(p.numel() for p in as_module(m).parameters()
                if p.requires_grad or not trainable_only)
 
 
@@ -638,7 +633,7 @@ def freeze_to(m, n, train_bn=False):
     frozen groups keep their running statistics; train_bn=True still lets
     their scale and shift train.
     """
-    model = _module(m)
+    model = as_module(m)
     groups = layer_groups(model)
     total = len(groups)
     if not isinstance(n, int) or isinstance(n, bool):

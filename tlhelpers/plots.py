@@ -443,8 +443,12 @@ def _plot_history_comparison(runs, metrics, title, figsize):
                      Line2D([], [], color="k", linestyle="-", label="val"),
                      Line2D([], [], color=EVENT_COLOR, linestyle=":",
                             label="unfreeze")]
-    axes[0].legend(handles=run_handles, fontsize=8, loc="best")
-    axes[-1].legend(handles=style_handles, fontsize=8, loc="best")
+    if len(axes) == 1:  # one panel holds both legends' entries
+        axes[0].legend(handles=run_handles + style_handles, fontsize=8,
+                       loc="best")
+    else:
+        axes[0].legend(handles=run_handles, fontsize=8, loc="best")
+        axes[-1].legend(handles=style_handles, fontsize=8, loc="best")
     fig.suptitle(title or "Training histories compared")
     return fig
 
@@ -737,15 +741,9 @@ def show_batch(batch, labels=None, class_names=None, mean=None, std=None,
 
 
 def _module(m):
-    import torch.nn as nn
+    from tlhelpers.models import as_module  # torch loads on first use
 
-    inner = getattr(m, "model", None)
-    if isinstance(inner, nn.Module) and not isinstance(m, nn.Module):
-        return inner
-    if isinstance(m, nn.Module):
-        return m
-    raise TypeError("expected a model (nn.Module) or the object returned by "
-                    f"load_pretrained, got {type(m).__name__}")
+    return as_module(m)
 
 
 def first_conv(model):

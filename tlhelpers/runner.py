@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from tlhelpers import files
+
 # NN_snake_case.ipynb, the course's naming rule for its notebooks.
 NOTEBOOK_NAME = re.compile(r"^\d{2}_[A-Za-z0-9_]+\.ipynb$")
 DEFAULT_TIMEOUT = 600
@@ -264,28 +266,12 @@ def _cell_error(nb, index, exc):
                      ename=ename, evalue=evalue)
 
 
-def _write_text(path, text):
-    """Write `text` to `path` atomically (temp file, then os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the build pages
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_html(nb, path):
     """Render an executed notebook to a standalone HTML page at `path`."""
     from nbconvert import HTMLExporter
 
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
-    _write_text(path, body)
+    files.write_text(path, body)
     return Path(path)
 
 
@@ -346,7 +332,7 @@ def execute_notebook(path, out_dir, timeout=DEFAULT_TIMEOUT, env=None,
     result.seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     result.ipynb = out_dir / name
-    _write_text(result.ipynb, nbformat.writes(nb))
+    files.write_text(result.ipynb, nbformat.writes(nb))
     try:
         result.html = export_html(nb, out_dir / (Path(name).stem + ".html"))
     except Exception as exc:  # the run counts; a missing page is a warning
@@ -452,10 +438,10 @@ kernel process and its children.</small></p>
 def write_index(build, meta=None):
     """Write index.html and build.json for a build; return the index path."""
     meta = dict(meta or {})
-    _write_text(build.index, render_index(build, meta))
+    files.write_text(build.index, render_index(build, meta))
     summary = {"mode": build.mode, "ok": build.ok, **meta,
                "notebooks": [r.to_dict() for r in build.results]}
-    _write_text(build.index.with_name("build.json"),
+    files.write_text(build.index.with_name("build.json"),
                 json.dumps(summary, indent=1) + "\n")
     return build.index
 

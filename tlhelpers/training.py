@@ -10,9 +10,7 @@ schedules and in checkpoints.
 import contextlib
 import copy
 import math
-import os
 import random
-import tempfile
 import threading
 import time
 import warnings
@@ -24,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tlhelpers import config, models
+from tlhelpers import config, files, models
 from tlhelpers.models import Table
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -234,24 +232,6 @@ def _classifies(out, y):
     return out.ndim == 2 and y.ndim == 1 and not y.is_floating_point()
 
 
-def _save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def _loader_generators(loader):
     found = []
     for owner in (loader, getattr(loader, "sampler", None),
@@ -392,7 +372,7 @@ def evaluate(model, loader, loss_fn=None, device=None):
         dict(loss=float, accuracy=float in [0, 1], or None when the
         outputs are not class scores).
     """
-    net = models._module(model)
+    net = models.as_module(model)
     device = config.get_device(device)
     net.to(device)
     was_training = net.training
@@ -431,7 +411,7 @@ def predict(model, data, device=None, batch_size=64):
         Predictions: preds [N] (int64), probs [N, classes] (softmax) and
         targets [N] when the data carries labels, all on the CPU.
     """
-    net = models._module(model)
+    net = models.as_module(model)
     device = config.get_device(device)
     net.to(device)
     if isinstance(data, torch.Tensor):
@@ -519,7 +499,7 @@ def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
     Ctrl-C stops training, restores the best weights and returns the
     history so far.
     """
-    net = models._module(model)
+    net = models.as_module(model)
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -642,7 +622,7 @@ def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
                     f"stopped early after epoch {epoch}: {monitor} did not "
                     f"improve for {stopper.patience} epochs")
             if checkpoint is not None:
-                _save_atomic({
+                files.save({
                     "format": CHECKPOINT_FORMAT, "epoch": epoch,
                     "stopped": stopped, "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -839,7 +819,7 @@ class GradualUnfreezing:
         Groups scheduled later are frozen. Newly trainable parameters join
         `optimizer` (and `scheduler`) with their group's rate.
         """
-        net = models._module(model)
+        net = models.as_module(model)
         names = list(models.layer_groups(net))
         self._check(names)
         due = self.trainable_groups(epoch)
@@ -952,7 +932,7 @@ def lr_find(model, loader, optimizer=None, start_lr=1e-7, end_lr=10,
     weights, the optimizer's state and the random generators are restored
     exactly, so lr_find does not change what a later fit() does.
     """
-    net = models._module(model)
+    net = models.as_module(model)
     if method not in SUGGESTERS:
         raise ValueError(f"unknown method {method!r}: use one of "
                          f"{', '.join(SUGGESTERS)}")
