@@ -56,3 +56,13 @@ def test_mode_none_keeps_the_file_private(tmp_path):
     with files.atomic_path(target, mode=None) as tmp:
         tmp.write_text("x")
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+
+
+def test_sha256_reads_the_file_in_chunks(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * 5000  # 1.28 MB: more than one chunk
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    assert files.sha256(path) == hashlib.sha256(data).hexdigest()
+    assert files.sha256(path, chunk=7) == hashlib.sha256(data).hexdigest()

@@ -8,6 +8,7 @@ import time
 import types
 
 import nbformat
+import psutil
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
@@ -157,6 +158,26 @@ def test_peak_memory_tracks_a_child_process():
     with runner.PeakMemory(proc.pid, interval=0.02) as memory:
         proc.wait()
     assert memory.peak_bytes > 120 * 2**20
+
+
+def test_tree_rss_counts_children_and_says_none_when_gone():
+    child = ("import time; b = bytearray(b'x') * (100 * 2**20); "
+             "time.sleep(30)")
+    parent = ("import subprocess, sys, time; "
+              f"subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    try:
+        deadline = time.monotonic() + 20
+        while (runner.tree_rss(proc.pid) or 0) < 100 * 2**20:
+            assert time.monotonic() < deadline, "the child never showed up"
+            time.sleep(0.05)
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            p.kill()
+        proc.kill()
+        proc.wait()
+    assert runner.tree_rss(proc.pid) is None
 
 
 def test_a_cell_asking_for_input_fails_instead_of_waiting(tmp_path):

@@ -500,11 +500,8 @@ def cmd_prefetch(args):
               "downloaded; unset it while online and try again",
               file=sys.stderr)
         return 1
-    try:
-        models = importlib.import_module("tlhelpers.models")
-    except ImportError as exc:
-        print(f"tlcourse prefetch: cannot import tlhelpers.models ({exc}); "
-              f"{TODO_INSTALL}", file=sys.stderr)
+    models = _import_for("prefetch", "tlhelpers.models")
+    if models is None:
         return 2
     failed = 0
     for name in args.names:
@@ -518,13 +515,20 @@ def cmd_prefetch(args):
     return 1 if failed else 0
 
 
+def _import_for(command, module):
+    """Import `module` for `tlcourse command`, or explain why it failed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        print(f"tlcourse {command}: cannot import {module} ({exc}); "
+              f"{TODO_INSTALL}", file=sys.stderr)
+        return None
+
+
 def cmd_grade(argv):
     """Hand the arguments to tlhelpers.grading.main (the grader)."""
-    try:
-        grading = importlib.import_module("tlhelpers.grading")
-    except ImportError as exc:
-        print(f"tlcourse grade: cannot import tlhelpers.grading ({exc}); "
-              f"{TODO_INSTALL}", file=sys.stderr)
+    grading = _import_for("grade", "tlhelpers.grading")
+    if grading is None:
         return 2
     code = grading.main(list(argv))
     return 0 if code is None else int(code)

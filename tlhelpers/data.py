@@ -1066,18 +1066,9 @@ DOWNLOADS = MappingProxyType({
 })
 
 
-def file_sha256(path, chunk=1 << 20):
-    """Return the sha256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_sha256(path, sha256):
     """Raise DataChecksumError unless the file's sha256 is `sha256`."""
-    actual = file_sha256(path)
+    actual = files.sha256(path)
     if actual != sha256.lower():
         raise DataChecksumError(
             f"checksum mismatch for {path}: expected sha256 {sha256}, got "

@@ -7,6 +7,7 @@ full disk leaves either the old file or the new one, never half of one.
 """
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -40,6 +41,15 @@ def atomic_path(path, mode=0o644):
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def sha256(path, chunk=1 << 20):
+    """Return the hex sha256 digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path, text, encoding="utf-8"):

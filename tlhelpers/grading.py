@@ -480,20 +480,9 @@ class _Watchdog(threading.Thread):
         self._stop_event.set()
 
     def _rss(self):
-        import psutil
+        from tlhelpers.runner import tree_rss
 
-        try:
-            proc = psutil.Process(self.pid)
-            procs = [proc] + proc.children(recursive=True)
-        except psutil.Error:
-            return 0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+        return tree_rss(self.pid) or 0
 
     def run(self):
         """Poll every `interval` seconds until stopped."""
@@ -560,7 +549,7 @@ def _execute(spec):
 
     env = dict(spec["env"])
     client = NotebookClient(
-        nb, km=runner._this_python_kernel(), timeout_func=timeout_for,
+        nb, km=runner.this_python_kernel(), timeout_func=timeout_for,
         allow_errors=True, interrupt_on_timeout=True,
         startup_timeout=STARTUP_TIMEOUT, record_timing=False,
         resources={"metadata": {"path": spec["cwd"]}},
@@ -591,7 +580,7 @@ def _execute(spec):
             errors = [{}]  # interrupted inside C code: no traceback
         for out in errors:
             entry = {"cell": number,
-                     "first_line": runner._first_line(cell.source),
+                     "first_line": runner.first_line(cell.source),
                      "ename": out.get("ename", ""),
                      "evalue": out.get("evalue", ""),
                      "timed_out": index in timed_out}

@@ -13,7 +13,6 @@ would otherwise switch it back on for every child.
 
 import copy
 import difflib
-import hashlib
 import os
 import re
 import warnings
@@ -191,18 +190,9 @@ def imagenet_categories():
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def sha256_file(path, chunk=1 << 20):
-    """Return the hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify(path, expected, name):
     """Check a weights file's sha256 (or its prefix); return the digest."""
-    actual = sha256_file(path)
+    actual = files.sha256(path)
     if not actual.startswith(expected):
         raise WeightsChecksumError(
             f"the weights file for {name!r} at {path} is corrupted or "

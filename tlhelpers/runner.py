@@ -153,6 +153,26 @@ def _read_hwm(pid):
     return 0
 
 
+def tree_rss(pid):
+    """Resident memory of a process and all its children, in bytes.
+
+    None when the process is gone; children that exit while being
+    measured are skipped.
+    """
+    try:
+        proc = psutil.Process(pid)
+        rss = proc.memory_info().rss
+        children = proc.children(recursive=True)
+    except psutil.Error:
+        return None
+    for child in children:
+        try:
+            rss += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return rss
+
+
 class PeakMemory:
     """Track the peak resident memory of a process and its children.
 
@@ -170,15 +190,8 @@ class PeakMemory:
 
     def sample(self):
         """Measure once now and return the peak so far, in bytes."""
-        try:
-            proc = psutil.Process(self.pid)
-            rss = proc.memory_info().rss
-            for child in proc.children(recursive=True):
-                try:
-                    rss += child.memory_info().rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
+        rss = tree_rss(self.pid)
+        if rss is None:
             return self.peak_bytes
         self.peak_bytes = max(self.peak_bytes, rss, _read_hwm(self.pid))
         return self.peak_bytes
@@ -199,7 +212,7 @@ class PeakMemory:
         return False
 
 
-def _this_python_kernel():
+def this_python_kernel():
     """Return a kernel manager that starts ipykernel in this Python.
 
     A `python3` kernel spec found first on the Jupyter path may belong to
@@ -231,7 +244,8 @@ def error_line(exc):
     return lines[0].rstrip(":") if lines else type(exc).__name__
 
 
-def _first_line(source):
+def first_line(source):
+    """The first non-blank line of a cell's source, cut to 72 characters."""
     for line in source.splitlines():
         if line.strip():
             line = line.strip()
@@ -262,7 +276,7 @@ def _cell_error(nb, index, exc):
         return CellError(cell=None, cells=len(nb.cells), first_line="",
                          ename=ename, evalue=evalue)
     return CellError(cell=index + 1, cells=len(nb.cells),
-                     first_line=_first_line(nb.cells[index].source),
+                     first_line=first_line(nb.cells[index].source),
                      ename=ename, evalue=evalue)
 
 
@@ -300,7 +314,7 @@ def execute_notebook(path, out_dir, timeout=DEFAULT_TIMEOUT, env=None,
     nb = nbformat.read(path, as_version=4)
     cwd = Path(cwd) if cwd is not None else path.resolve().parent
     client = NotebookClient(
-        nb, km=_this_python_kernel(), timeout=timeout or None,
+        nb, km=this_python_kernel(), timeout=timeout or None,
         allow_errors=False, record_timing=True,
         resources={"metadata": {"path": str(cwd)}})
     result = NotebookResult(name=name, source=path)
