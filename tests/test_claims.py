@@ -55,3 +55,38 @@ def test_claims_module_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_a_failed_claim_says_what_its_failure_means(capsys, monkeypatch):
+    monkeypatch.delenv("TLH_STRICT", raising=False)
+    claims.expect(False, "fine-tuning beats the probe",
+                  measured={"gap": 0.01},
+                  failure_means="the gap is within the seeds' spread")
+    out = capsys.readouterr().out.strip()
+    assert out == (f"{claims.FAIL_MARK} fine-tuning beats the probe "
+                   "(measured: gap 0.01) \u2013 the gap is within the "
+                   "seeds' spread")
+    # A claim that holds does not show what a failure would mean.
+    claims.expect(True, "the probe wins", failure_means="never shown")
+    assert "never shown" not in capsys.readouterr().out
+
+
+def test_strict_error_carries_the_failure_sentence(monkeypatch):
+    monkeypatch.setenv("TLH_STRICT", "yes")
+    with pytest.raises(claims.ClaimFailed, match="within the spread"):
+        claims.expect(0, "a wins", failure_means="within the spread")
+
+
+def test_measured_numbers_are_rounded_readably(capsys):
+    import numpy as np
+
+    claims.expect(True, "spread", measured={
+        "mean": np.float32(0.912345), "seeds": 3,
+        "range": (0.8999, np.float64(0.93456))})
+    out = capsys.readouterr().out
+    assert "mean 0.912, seeds 3, range [0.9, 0.935]" in out
+
+
+def test_failure_means_must_be_a_sentence():
+    with pytest.raises(TypeError, match="failure_means"):
+        claims.expect(True, "a claim", failure_means=1)
