@@ -165,7 +165,13 @@ class Exercise:
 
     def solution(self):
         """Print the reference solution (also in .solution_code)."""
-        print(f"Solution ({self.name}):\n\n{self.solution_code}")
+        code = getattr(self, "solution_code", None)
+        if code is None:  # a cohort release (tlcourse release)
+            print(f"Solution ({self.name}): your instructor withheld the "
+                  "reference solutions for this cohort. Try "
+                  f"exercises.{self.name}.hint(), or ask them.")
+            return
+        print(f"Solution ({self.name}):\n\n{code}")
 
     def __repr__(self):
         return (f"<exercise {self.name!r} ({self.notebook}): {self.title}; "
@@ -1393,7 +1399,13 @@ def fill_solutions(notebook_path, out_path):
     for name, where in exercise_cells(nb).items():
         for index in where["exercise"]:
             cell = nb["cells"][index]
-            cell["source"] = EXERCISES[name].solution_code.splitlines(True)
+            code = getattr(EXERCISES[name], "solution_code", None)
+            if code is None:
+                raise ValueError(
+                    "this install of tlhelpers is a learner release without"
+                    " solutions: fill them in from the instructor's install"
+                    " (a clone of the course)")
+            cell["source"] = code.splitlines(True)
             cell["outputs"] = []
             cell["execution_count"] = None
 
