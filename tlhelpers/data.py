@@ -248,6 +248,11 @@ def make_loaders(*datasets, batch_size=32, num_workers=0, shuffle_first=True,
                 f"dataset {position} yields PIL images, which cannot be "
                 "batched; give it the model's preprocessing first, e.g. "
                 "with_transform(dataset, pretrained.transform)")
+        if isinstance(sample, str):
+            raise TypeError(
+                f"dataset {position} yields sentences (str), which cannot "
+                "be batched; give it the model's tokenizer first, e.g. "
+                "with_transform(dataset, pretrained.transform)")
     pin = torch.cuda.is_available()
     loaders = []
     for position, ds in enumerate(datasets):
@@ -1197,3 +1202,190 @@ def download(name, root=None, registry=None, progress=True):
     return final
 
 
+
+
+# -------------------------------------------------------- synthetic text
+
+# Topic sentences made for measuring transfer. Each topic has two sets of
+# key words, and the sentences use two sets of templates: the train split
+# draws from the first of each, the test split from the second. The
+# templates are the same for every topic, so only the key words tell the
+# topics apart, and no key word or phrasing of the test split ever appears
+# in training. A model that knows only the words it was trained on (TF-IDF)
+# is left at chance on the test split; a pretrained encoder that knows that
+# "hockey" and "tennis" are both sports is not.
+TEXT_TOPICS = MappingProxyType({
+    "sports": (
+        ("football", "tennis", "goalkeeper", "stadium", "referee",
+         "marathon", "cyclist", "trophy", "championship", "swimmer"),
+        ("basketball", "hockey", "coach", "tournament", "athlete",
+         "sprinter", "volleyball", "golfer", "scoreboard", "league")),
+    "food": (
+        ("pizza", "soup", "bakery", "chef", "salad", "noodles", "omelette",
+         "cheese", "breakfast", "recipe"),
+        ("sandwich", "pasta", "kitchen", "dessert", "bread", "curry",
+         "pancakes", "butter", "dinner", "cookbook")),
+    "weather": (
+        ("rain", "storm", "snow", "thunder", "forecast", "wind", "clouds",
+         "hurricane", "frost", "temperature"),
+        ("fog", "hail", "drizzle", "blizzard", "sunshine", "lightning",
+         "tornado", "humidity", "rainfall", "meteorologist")),
+    "technology": (
+        ("laptop", "software", "keyboard", "internet", "processor", "email",
+         "password", "server", "browser", "programmer"),
+        ("smartphone", "computer", "website", "app", "printer", "database",
+         "router", "algorithm", "tablet", "spreadsheet")),
+    "music": (
+        ("guitar", "piano", "concert", "singer", "drummer", "melody",
+         "choir", "symphony", "lyrics", "microphone"),
+        ("violin", "orchestra", "band", "song", "trumpet", "album", "cello",
+         "saxophone", "rhythm", "composer")),
+    "animals": (
+        ("dog", "horse", "elephant", "rabbit", "tiger", "parrot", "giraffe",
+         "squirrel", "owl", "zebra"),
+        ("cat", "lion", "dolphin", "wolf", "monkey", "eagle", "kangaroo",
+         "penguin", "fox", "bear")),
+})
+TEXT_TEMPLATES = MappingProxyType({
+    "train": (
+        "I read an article about the {a} and the {b}.",
+        "Yesterday we discussed the {a} and the {b} for hours.",
+        "The {a} was in the news again, right after the {b}.",
+        "She wrote a long letter about the {a} and the {b}.",
+        "Everyone at work was talking about the {a} and the {b}.",
+        "There is a new podcast about the {a} and the {b}.",
+        "He asked me what I think of the {a} and the {b}.",
+        "Our teacher showed us pictures of the {a} and the {b}.",
+        "The report covers the {a}, and later the {b}.",
+        "I can't stop thinking about the {a} and the {b}.",
+        "We watched a documentary about the {a} and the {b}.",
+        "My friend keeps telling stories about the {a} and the {b}."),
+    "test": (
+        "Did you hear anything new about the {a} or the {b}?",
+        "Honestly, the {a} and the {b} are all my cousin cares about.",
+        "Last night the radio show was all about the {a} and the {b}.",
+        "Can someone explain the {a} to me, and the {b} too?",
+        "Grandma sent a postcard mentioning the {a} and the {b}.",
+        "The magazine had a whole page on the {a} plus the {b}.",
+        "Nobody expected so many questions about the {a} and the {b}.",
+        "My sister made a video about the {a} and the {b}.",
+        "The {a} came up at dinner, and then the {b}.",
+        "In class today we debated the {a} and the {b}."),
+})
+TEXT_SPLITS = ("train", "test")
+TEXT_CLASSES = tuple(TEXT_TOPICS)
+
+
+class SyntheticText(Dataset):
+    """Labelled topic sentences; items are (sentence or tokens, label).
+
+    Without a transform an item is the sentence itself (a str); give the
+    dataset the model's tokenizer (``with_transform(ds, model.transform)``)
+    to get token tensors a text model takes.
+    """
+
+    def __init__(self, sentences, targets, classes, split, seed,
+                 transform=None):
+        self.sentences = list(sentences)
+        self.targets = [int(t) for t in targets]
+        self.classes = list(classes)
+        self.split = split
+        self.seed = seed
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.sentences)
+
+    def __getitem__(self, index):
+        sentence = self.sentences[index]
+        if self.transform is not None:
+            sentence = self.transform(sentence)
+        return sentence, self.targets[index]
+
+    @property
+    def key_words(self):
+        """Return {class: the key words this split's sentences use}."""
+        column = TEXT_SPLITS.index(self.split)
+        return {c: list(TEXT_TOPICS[c][column]) for c in self.classes}
+
+    @property
+    def templates(self):
+        """Return the sentence templates this split uses."""
+        return list(TEXT_TEMPLATES[self.split])
+
+    def fingerprint(self):
+        """Return what the items depend on (for the feature cache)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for sentence, target in zip(self.sentences, self.targets):
+            digest.update(f"{target}\t{sentence}\n".encode())
+        return f"{self.split}-{self.seed}-{digest.hexdigest()}"
+
+    def __repr__(self):
+        return (f"SyntheticText({len(self)} {self.split} sentences, "
+                f"classes={self.classes}, seed={self.seed})")
+
+
+def _check_text_classes(classes):
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        if not 2 <= classes <= len(TEXT_CLASSES):
+            raise ValueError(f"classes must be between 2 and "
+                             f"{len(TEXT_CLASSES)}, got {classes}")
+        return list(TEXT_CLASSES[:classes])
+    names = list(classes)
+    unknown = [c for c in names if c not in TEXT_TOPICS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), TEXT_CLASSES, 1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown topic {unknown[0]!r}.{hint} The topics "
+                         f"are {', '.join(TEXT_CLASSES)}.")
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"classes needs at least 2 different topics, got "
+                         f"{names}")
+    return names
+
+
+def synthetic_text(split="train", classes=4, n_per_class=20, seed=0,
+                   transform=None):
+    """Draw labelled topic sentences; test words never appear in training.
+
+    Args:
+        split: "train" or "test". The two splits use disjoint key words
+            and disjoint sentence templates (see TEXT_TOPICS and
+            TEXT_TEMPLATES).
+        classes: how many topics (the first ones of TEXT_CLASSES), or a
+            list of topic names.
+        n_per_class: sentences per topic, all different (at most 1,080
+            for train, 900 for test).
+        seed: the same seed gives the same sentences in any process.
+        transform: applied to each sentence when read (a tokenizer).
+    """
+    if split not in TEXT_SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    names = _check_text_classes(classes)
+    column = TEXT_SPLITS.index(split)
+    templates = TEXT_TEMPLATES[split]
+    words = len(TEXT_TOPICS[names[0]][column])
+    most = len(templates) * words * (words - 1)
+    if (not isinstance(n_per_class, int) or isinstance(n_per_class, bool)
+            or not 1 <= n_per_class <= most):
+        raise ValueError(f"n_per_class must be an int between 1 and {most} "
+                         f"for the {split} split, got {n_per_class!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    sentences, targets = [], []
+    for label, name in enumerate(names):
+        keys = TEXT_TOPICS[name][column]
+        rng = np.random.default_rng(_stable_int("text", split, name, seed))
+        # Every (template, first word, second word) once: no duplicates.
+        picks = rng.choice(most, size=n_per_class, replace=False)
+        for pick in picks.tolist():
+            t, rest = divmod(pick, words * (words - 1))
+            i, j = divmod(rest, words - 1)
+            j += j >= i
+            sentences.append(templates[t].format(a=keys[i], b=keys[j]))
+            targets.append(label)
+    order = np.random.default_rng(_stable_int("order", split, seed)
+                                  ).permutation(len(sentences))
+    return SyntheticText([sentences[i] for i in order],
+                         [targets[i] for i in order], names, split, seed,
+                         transform)
