@@ -712,3 +712,89 @@ def test_sample_photos_top_class_is_one_of_the_documented_ids():
             continue
         best, _ = models.classify(pre, image, k=1)[0]
         assert pre.categories.index(best) in expected, (name, best)
+
+
+# -------------------------------------------------------- synthetic text
+
+
+def _words(sentence):
+    return set(sentence.lower().replace(",", " ").replace(".", " ")
+               .replace("?", " ").split())
+
+
+def test_synthetic_text_gives_labelled_distinct_sentences_per_topic():
+    ds = data.synthetic_text("train", classes=4, n_per_class=30, seed=0)
+    assert len(ds) == 120 and ds.classes == list(data.TEXT_CLASSES[:4])
+    assert sorted(set(ds.targets)) == [0, 1, 2, 3]
+    assert [ds.targets.count(c) for c in range(4)] == [30] * 4
+    assert len(set(ds.sentences)) == len(ds)
+    sentence, label = ds[0]
+    assert isinstance(sentence, str) and isinstance(label, int)
+    # Each sentence names two key words of its own topic.
+    for sentence, label in zip(ds.sentences, ds.targets):
+        own = set(ds.key_words[ds.classes[label]])
+        assert len(_words(sentence) & own) == 2, sentence
+
+
+def test_synthetic_text_is_deterministic_across_processes():
+    ds = data.synthetic_text("test", classes=5, n_per_class=10, seed=3)
+    again = data.synthetic_text("test", classes=5, n_per_class=10, seed=3)
+    other = data.synthetic_text("test", classes=5, n_per_class=10, seed=4)
+    assert ds.sentences == again.sentences and ds.targets == again.targets
+    assert ds.sentences != other.sentences
+    assert ds.fingerprint() == again.fingerprint() != other.fingerprint()
+    code = ("from tlhelpers.data import synthetic_text; "
+            "print(synthetic_text('test', classes=5, n_per_class=10, "
+            "seed=3).fingerprint())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == ds.fingerprint()
+
+
+def test_the_test_split_uses_key_words_and_templates_never_seen_in_training():
+    train = data.synthetic_text("train", classes=6, n_per_class=1080)
+    test = data.synthetic_text("test", classes=6, n_per_class=900)
+    train_words = set().union(*map(_words, train.sentences))
+    test_words = set().union(*map(_words, test.sentences))
+    for topic in train.classes:
+        unseen = set(test.key_words[topic])
+        assert unseen <= test_words
+        assert not unseen & train_words, topic
+        assert not set(train.key_words[topic]) & test_words, topic
+    assert not set(train.templates) & set(test.templates)
+    # Whatever the two splits share is the same for every topic.
+    shared = train_words & test_words
+    keys = {w for ws in list(train.key_words.values())
+            + list(test.key_words.values()) for w in ws}
+    assert not shared & keys
+
+
+def test_key_words_of_different_topics_do_not_overlap():
+    seen = {}
+    for topic, (train, test) in data.TEXT_TOPICS.items():
+        for word in train + test:
+            assert word not in seen, (word, topic, seen.get(word))
+            seen[word] = topic
+
+
+def test_synthetic_text_explains_bad_arguments():
+    with pytest.raises(ValueError, match="split must be"):
+        data.synthetic_text("valid")
+    with pytest.raises(ValueError, match="Did you mean 'sports'"):
+        data.synthetic_text(classes=["sport", "food"])
+    with pytest.raises(ValueError, match="between 2 and 6"):
+        data.synthetic_text(classes=7)
+    with pytest.raises(ValueError, match="n_per_class"):
+        data.synthetic_text("test", n_per_class=901)
+    with pytest.raises(ValueError, match="at least 2"):
+        data.synthetic_text(classes=["food", "food"])
+
+
+def test_text_subsets_and_transforms_work_like_image_datasets():
+    ds = data.synthetic_text("train", classes=4, n_per_class=5)
+    sub = few_shot(ds, 2, seed=0)
+    assert len(sub) == 8 and sorted(set(sub.targets)) == [0, 1, 2, 3]
+    upper = with_transform(ds, str.upper)
+    assert upper[0][0] == ds.sentences[0].upper() and ds.transform is None
+    with pytest.raises(TypeError, match="tokenizer"):
+        make_loaders(ds)

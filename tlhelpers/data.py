@@ -10,6 +10,10 @@ and ``i``, so the same call gives the same bytes in every process (and on
 every machine with the same numpy and Pillow), and the pictures are drawn
 when they are read, so DataLoader workers can share the work.
 
+``synthetic_text`` draws labelled topic sentences whose test split uses
+key words and phrasings never seen in training, so that what a pretrained
+text encoder brings can be measured.
+
 ``digits`` (scikit-learn's handwritten digits) and ``sample_photos``
 (scikit-image's photos) ship with installed packages. ``image_folder``
 loads a learner's own photos with checks that explain what is wrong.
