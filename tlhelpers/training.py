@@ -1,4 +1,4 @@
-"""Training loop, history, gradual unfreezing, LR finder, strategy comparison.
+"""Training loop, history, gradual unfreezing and the LR finder.
 
 ``fit`` is the loop every notebook uses. It keeps its metrics on the device
 and reads them once per epoch (plus about twice a second for the progress
@@ -11,7 +11,6 @@ import contextlib
 import copy
 import math
 import random
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,12 +25,10 @@ from tlhelpers import config, files, models
 from tlhelpers.models import Table
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
-STRATEGIES = ("from_scratch", "feature_extraction", "head_only", "last_k",
-              "full_fine_tuning", "gradual_unfreezing")
 # How often (seconds) fit reads the running loss back from the device: for
 # the progress bar and to notice a NaN loss without a sync on every step.
 SYNC_SECONDS = 0.5
-CHECKPOINT_FORMAT = "tlhelpers-checkpoint-1"
+CHECKPOINT_FORMAT = "tlhelpers-checkpoint-2"
 
 
 # ------------------------------------------------------------- history
@@ -216,6 +213,30 @@ def _copy_state(module):
 def _trainable(optimizer):
     return [p for g in optimizer.param_groups for p in g["params"]
             if p.requires_grad]
+
+
+def _freezing_state(net):
+    """What a checkpoint needs to rebuild freezing: policy and groups."""
+    return {"bn_stats": models.bn_stats_policy(net),
+            "trainable": [bool(t) for t in models.group_status(net).values()],
+            "requires_grad": [p.requires_grad for p in net.parameters()]}
+
+
+def _restore_freezing(net, state):
+    trainable = state["trainable"]
+    if state["bn_stats"] is not None:
+        models.freeze_to(net, trainable.index(True) if True in trainable
+                         else len(trainable), bn_stats=state["bn_stats"])
+    for p, flag in zip(net.parameters(), state["requires_grad"]):
+        p.requires_grad_(flag)
+
+
+def _check_something_trains(optimizer, epoch):
+    if not _trainable(optimizer):
+        raise ValueError(
+            f"nothing trains in epoch {epoch}: every parameter in the "
+            "optimizer is frozen. Unfreeze at least the head (freeze(model) "
+            "keeps it trainable) or schedule it with GradualUnfreezing.")
 
 
 def _per_batch(scheduler):
@@ -486,11 +507,14 @@ def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
         keep_best: end with the weights of the best epoch (by the early
             stopping monitor, else the validation loss).
         checkpoint: a file written (atomically) after every epoch with
-            everything needed to continue: weights, optimizer, scheduler,
-            history and random states.
+            everything needed to continue: weights, which groups train,
+            the BatchNorm policy, optimizer, scheduler, history and random
+            states.
         resume: continue from `checkpoint` if it exists, so that the run
             ends exactly as if it had never stopped.
-        unfreezing: a GradualUnfreezing schedule, applied at epoch starts.
+        unfreezing: a GradualUnfreezing schedule: its freeze_to calls run
+            at epoch starts; the optimizer must hold every group from the
+            start (unfreezing.make_optimizer(model) builds one).
         live: an object with update(history) (and optionally close()),
             called after every epoch, e.g. a live plot.
         amp: mixed precision (float16) on a CUDA GPU; ignored elsewhere.
@@ -522,6 +546,8 @@ def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
                              "is no val_loader: pass one, or use "
                              "EarlyStopping(monitor='train_loss')")
         monitor = "train_loss"
+    if unfreezing is not None:
+        unfreezing.check_optimizer(net, optimizer)
     device = config.get_device(device)
     net.to(device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
@@ -536,10 +562,8 @@ def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
     start, stopped, best_state = 1, False, None
     if resume and Path(checkpoint).exists():
         ckpt = _read_checkpoint(checkpoint)
-        if unfreezing is not None:
-            # Recreate the optimizer's parameter groups before loading it.
-            unfreezing.apply(net, optimizer, ckpt["epoch"], scheduler)
         try:
+            _restore_freezing(net, ckpt["freezing"])
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if scheduler is not None and ckpt["scheduler"] is not None:
@@ -587,8 +611,8 @@ def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
                 break
             t0 = time.perf_counter()
             if unfreezing is not None:
-                history.events += unfreezing.apply(net, optimizer, epoch,
-                                                   scheduler)
+                history.events += unfreezing.apply(net, epoch)
+            _check_something_trains(optimizer, epoch)
             lrs = _named_lrs(optimizer)
             inner = tqdm(total=total, desc=f"epoch {epoch}/{epochs}",
                          unit="batch", leave=False, disable=not progress)
@@ -625,6 +649,7 @@ def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
                 files.save({
                     "format": CHECKPOINT_FORMAT, "epoch": epoch,
                     "stopped": stopped, "model": net.state_dict(),
+                    "freezing": _freezing_state(net),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": (scheduler.state_dict()
                                   if scheduler is not None else None),
@@ -671,49 +696,6 @@ def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
 # --------------------------------------------------- gradual unfreezing
 
 
-def _join_scheduler(scheduler, optimizer, group):
-    """Make a scheduler aware of a parameter group added after it.
-
-    The new group follows the same schedule shape, scaled to its own rate:
-    schedulers keep per-group lists (base_lrs, max_lrs, min_lrs, lambdas,
-    momenta) that would otherwise be one short and crash the next step.
-    """
-    if scheduler is None:
-        return
-    scheds, todo = [], [scheduler]
-    while todo:
-        sched = todo.pop()
-        scheds.append(sched)
-        todo += getattr(sched, "_schedulers", [])
-    ref = optimizer.param_groups[0]
-    n_old = len(optimizer.param_groups) - 1
-    peak = ref.get("max_lr")
-    if peak is None:
-        peak = next((s.max_lrs[0] for s in scheds
-                     if getattr(s, "max_lrs", None)), ref.get("initial_lr"))
-    scale = group["lr"] / peak if peak else 1.0
-    if peak:
-        for key in ("initial_lr", "max_lr", "min_lr"):
-            if key in ref:
-                group[key] = ref[key] * scale
-        # Join the schedule where it is now, not at its start.
-        group["lr"] = ref["lr"] * scale
-    for key in ("max_momentum", "base_momentum", "betas", "momentum"):
-        if key in ref and "max_momentum" in ref:
-            group[key] = ref[key]
-    for sched in scheds:
-        for name, scaled in (("base_lrs", True), ("max_lrs", True),
-                             ("min_lrs", False), ("lr_lambdas", False),
-                             ("base_momentums", False),
-                             ("max_momentums", False)):
-            values = getattr(sched, name, None)
-            if isinstance(values, list) and len(values) == n_old:
-                values.append(values[0] * scale if scaled else values[0])
-        last = getattr(sched, "_last_lr", None)
-        if isinstance(last, list) and len(last) == n_old:
-            last.append(group["lr"])
-
-
 class GradualUnfreezing:
     """Unfreeze layer groups one after another, from the head down (ULMFiT).
 
@@ -727,17 +709,19 @@ class GradualUnfreezing:
             unless the schedule gives its own rate.
         train_bn: let the BatchNorm layers of frozen groups train their
             scale and shift (see models.freeze_to).
-        weight_decay: for the new parameter groups; None copies the
-            optimizer's default.
+        weight_decay: for make_optimizer.
+        bn_stats: the BatchNorm statistics policy (models.BN_STATS); None
+            keeps the model's.
 
-    At each epoch start, fit calls apply(): groups due are unfrozen and
-    their parameters join the optimizer as new parameter groups (named
-    after the group) and any LR scheduler, so one-cycle or cosine
-    schedules keep working after the unfreeze.
+    The schedule is a series of freeze_to calls: at each epoch start, fit
+    calls apply(), which unfreezes the groups due and freezes the rest.
+    The optimizer holds every group from the start at its rate
+    (make_optimizer(model) builds it), so unfreezing changes no optimizer
+    or scheduler state and one-cycle or cosine schedules run across it.
     """
 
     def __init__(self, schedule, lr, factor=2.6, every=1, train_bn=False,
-                 weight_decay=None):
+                 weight_decay=0.01, bn_stats=None):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not factor >= 1:
@@ -745,6 +729,8 @@ class GradualUnfreezing:
                              f"is divided by it), got {factor}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if bn_stats is not None:
+            models._check_bn_stats(bn_stats)
         if isinstance(schedule, dict):
             items = list(schedule.items())
             if "head" not in schedule:
@@ -779,6 +765,7 @@ class GradualUnfreezing:
         self.plan = tuple(plan)
         self.lr, self.factor = lr, factor
         self.train_bn, self.weight_decay = train_bn, weight_decay
+        self.bn_stats = bn_stats
 
     def timeline(self):
         """Return [(group, start_epoch, lr)], head first (for plots)."""
@@ -813,52 +800,70 @@ class GradualUnfreezing:
                 "the unfreezing schedule must name groups from the head "
                 f"down without gaps: expected {expected}, got {got}")
 
-    def apply(self, model, optimizer, epoch, scheduler=None):
-        """Unfreeze the groups due by `epoch`; return this epoch's events.
+    def rates(self, model):
+        """Return {group: lr} for every group of the model.
 
-        Groups scheduled later are frozen. Newly trainable parameters join
-        `optimizer` (and `scheduler`) with their group's rate.
+        Scheduled groups get their planned rate; groups never unfrozen get
+        the ULMFiT rate for their position (they train only with
+        train_bn=True).
+        """
+        names = list(models.layer_groups(model))
+        self._check(names)
+        planned = {g: lr for g, _, lr in self.plan}
+        return {name: planned.get(name, self.lr / self.factor ** (
+            len(names) - 1 - i)) for i, name in enumerate(names)}
+
+    def make_optimizer(self, model, kind="adamw", **kwargs):
+        """Create an optimizer over every group at the schedule's rates."""
+        kwargs.setdefault("weight_decay", self.weight_decay)
+        return models.make_optimizer(model, lr=self.lr, kind=kind,
+                                     lrs=self.rates(model), **kwargs)
+
+    def check_optimizer(self, model, optimizer):
+        """Raise if the optimizer lacks a scheduled group's parameters."""
+        net = models.as_module(model)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        groups = models.layer_groups(net)
+        self._check(list(groups))
+        missing = [g for g, _, _ in self.plan
+                   if any(id(p) not in held
+                          for p in models._group_params(groups[g]))]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not hold the groups "
+                f"{', '.join(missing)}, so they could never train after "
+                "they unfreeze. Build it with every group from the start: "
+                "optimizer = unfreezing.make_optimizer(model)")
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups
+                 for p in g["params"]}
+        plan_head, head = self.plan[0][2], self.plan[0][0]
+
+        def rate(group):
+            return lr_of[id(models._group_params(groups[group])[0])]
+
+        off = [g for g, _, lr in self.plan
+               if not math.isclose(rate(g) * plan_head, lr * rate(head),
+                                   rel_tol=1e-6)]
+        if off:
+            warnings.warn(
+                f"the optimizer's rates for {', '.join(off)} do not follow "
+                "the schedule's rates (relative to the head), so those "
+                "groups train at other rates than unfreezing.table() says. "
+                "Build it with optimizer = unfreezing.make_optimizer(model)",
+                stacklevel=3)
+
+    def apply(self, model, epoch):
+        """Freeze the model as scheduled for `epoch`; return its events.
+
+        One freeze_to call: the groups due by `epoch` train, the others
+        are frozen. The optimizer is left alone.
         """
         net = models.as_module(model)
         names = list(models.layer_groups(net))
         self._check(names)
         due = self.trainable_groups(epoch)
-        models.freeze_to(net, len(names) - len(due), train_bn=self.train_bn)
-        rates = {g: lr for g, _, lr in self.plan}
-        present = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                present[id(p)] = group.get("name") or "an unnamed group"
-        decay = self.weight_decay
-        if decay is None:
-            decay = optimizer.defaults.get("weight_decay", 0.0)
-        # Head first, as the groups unfreeze: a resumed run that replays
-        # several unfreezes at once must rebuild the same group order.
-        new_groups = sorted(
-            models.param_groups(net, self.lr, weight_decay=decay),
-            key=lambda pg: -names.index(pg["name"].split("+")[0]))
-        for pg in new_groups:
-            base = pg["name"].split("+")[0]
-            elsewhere = {present[id(p)] for p in pg["params"]
-                         if id(p) in present} - {pg["name"]}
-            if base in due and elsewhere and base != "head":
-                warnings.warn(
-                    f"some parameters of {base!r} were already in the "
-                    f"optimizer (in {sorted(elsewhere)}) and keep that "
-                    "group's learning rate. Build the optimizer after "
-                    "freeze(model), e.g. make_optimizer(model, lr), so "
-                    "each unfrozen group gets its own rate.", stacklevel=2)
-            params = [p for p in pg["params"] if id(p) not in present]
-            if not params:
-                continue
-            # Frozen groups with train_bn=True have no scheduled rate:
-            # give them the ULMFiT rate for their position.
-            rate = rates.get(base, self.lr / self.factor ** (
-                len(names) - 1 - names.index(base)))
-            group = {"params": params, "lr": rate,
-                     "weight_decay": pg["weight_decay"], "name": pg["name"]}
-            optimizer.add_param_group(group)
-            _join_scheduler(scheduler, optimizer, optimizer.param_groups[-1])
+        models.freeze_to(net, len(names) - len(due), train_bn=self.train_bn,
+                         bn_stats=self.bn_stats)
         return [{"epoch": epoch, "kind": "unfreeze", "group": g, "lr": lr}
                 for g, e, lr in self.plan if e == epoch]
 
@@ -1005,179 +1010,3 @@ def lr_find(model, loader, optimizer=None, start_lr=1e-7, end_lr=10,
                       "to suggest a rate: lower start_lr", stacklevel=2)
     return LRFinder(lrs=lrs, losses=smoothed, suggestion=picks[method],
                     method=method, raw_losses=raw, suggestions=picks)
-
-
-# -------------------------------------------------- compare strategies
-
-
-class _PeakMemory:
-    """Peak memory growth of a block, in MB.
-
-    On CUDA: torch.cuda.max_memory_allocated above the allocation at the
-    start (tensors only). Elsewhere: the process's resident set size
-    (psutil RSS, everything the process holds), sampled every 5 ms,
-    minus its value at the start.
-    """
-
-    def __init__(self, device):
-        self.device = device
-        self.mb = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        import psutil
-
-        process = psutil.Process()
-        self._base = self._peak = process.memory_info().rss
-        self._done = threading.Event()
-
-        def sample():
-            while not self._done.wait(0.005):
-                self._peak = max(self._peak, process.memory_info().rss)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._done.set()
-            self._thread.join()
-            import psutil
-
-            peak = max(self._peak, psutil.Process().memory_info().rss)
-        self.mb = max(0.0, (peak - self._base) / 2 ** 20)
-        return False
-
-
-def _num_classes(dataset):
-    classes = getattr(dataset, "classes", None)
-    if classes is not None:
-        return len(classes)
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        targets = [dataset[i][1] for i in range(len(dataset))]
-    return int(max(int(t) for t in targets)) + 1
-
-
-def _build_model(model, weights, num_classes):
-    if isinstance(model, str):
-        return models.load_pretrained(model, num_classes=num_classes,
-                                      weights=weights)
-    if callable(model):
-        return model(weights)
-    raise TypeError("model must be a name from MODEL_NAMES or a function "
-                    f"weights -> model, got {type(model).__name__}")
-
-
-def _run_strategy(strategy, model, train, test, num_classes, epochs, lr,
-                  batch_size, last_k, probe, seed, device):
-    """Train one strategy; return (accuracy, trainable parameters)."""
-    from tlhelpers import features
-
-    config.seed_everything(seed)
-    if strategy == "feature_extraction":
-        net = _build_model(model, "imagenet", num_classes)
-        backbone = (net if isinstance(net, models.Pretrained)
-                    else models.feature_extractor(net))
-        kw = dict(batch_size=batch_size, cache=False, device=device,
-                  progress=False)
-        result = features.linear_probe(
-            features.extract_features(backbone, train, **kw),
-            features.extract_features(backbone, test, **kw), method=probe)
-        dim = models.feature_dim(net)
-        return result.accuracy, dim * num_classes + num_classes
-    weights = None if strategy == "from_scratch" else "imagenet"
-    net = _build_model(model, weights, num_classes)
-    unfreezing = None
-    if strategy == "head_only":
-        models.freeze(net)
-    elif strategy == "last_k":
-        models.freeze_to(net, -last_k)
-    elif strategy == "gradual_unfreezing":
-        models.freeze(net)
-        unfreezing = GradualUnfreezing(
-            list(models.layer_groups(net))[::-1][:epochs], lr=lr)
-    else:
-        models.unfreeze(net)
-    loader = torch.utils.data.DataLoader(
-        train, batch_size=batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(seed))
-    optimizer = models.make_optimizer(net, lr=lr)
-    fit(net, loader, None, optimizer, epochs, device=device, progress=False,
-        keep_best=False, unfreezing=unfreezing)
-    test_loader = torch.utils.data.DataLoader(test, batch_size=batch_size)
-    accuracy = evaluate(net, test_loader, device=device)["accuracy"]
-    return accuracy, models.count_parameters(net, trainable_only=True)
-
-
-def compare_strategies(train, test, model="efficientnet_lite0",
-                       strategies=STRATEGIES, epochs=5, lr=1e-3,
-                       batch_size=32, last_k=2, labels_per_class=None,
-                       probe="logistic", seed=0, device=None, progress=True):
-    """Train every transfer strategy on the same data and budget; tabulate.
-
-    Args:
-        train, test: datasets of (preprocessed tensor, label).
-        model: a name for load_pretrained, or a function weights -> model
-            (weights is "imagenet" or None) returning a model whose head
-            already has the right number of classes.
-        strategies: any of STRATEGIES: from_scratch (random weights, all
-            trained), feature_extraction (a linear probe, `probe` method,
-            on features of the frozen backbone), head_only, last_k (the
-            last `last_k` groups, head included), full_fine_tuning and
-            gradual_unfreezing (one more group each epoch, ULMFiT rates).
-            All fine-tuning runs use AdamW at `lr` for `epochs` epochs.
-        labels_per_class: a list of labelled images per class (e.g.
-            [5, 10, 20]) to repeat the comparison on few-shot subsets of
-            `train`, for learning curves.
-
-    Returns:
-        Table with one row per run: (labels_per_class,) strategy,
-        accuracy, trainable_params, seconds (wall time, training and
-        testing) and peak_mem_mb (on CUDA, peak tensor memory; on CPU, the
-        peak growth of the process's resident memory, sampled).
-    """
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"unknown strategies {unknown}: choose from "
-                         f"{', '.join(STRATEGIES)}")
-    device = config.get_device(device)
-    num_classes = _num_classes(train)
-    subsets = [(None, train)]
-    if labels_per_class is not None:
-        from tlhelpers.data import few_shot
-
-        subsets = [(k, few_shot(train, k, seed=seed))
-                   for k in labels_per_class]
-    rows = []
-    bar = tqdm(total=len(subsets) * len(strategies), desc="strategies",
-               unit="run", disable=not progress)
-    try:
-        for k, subset in subsets:
-            for strategy in strategies:
-                bar.set_postfix(strategy=strategy, refresh=True)
-                start = time.perf_counter()
-                with _PeakMemory(device) as mem:
-                    accuracy, trainable = _run_strategy(
-                        strategy, model, subset, test, num_classes, epochs,
-                        lr, batch_size, last_k, probe, seed, device)
-                row = {} if k is None else {"labels_per_class": k}
-                row.update(
-                    strategy=(f"last_{last_k}_groups" if strategy == "last_k"
-                              else strategy),
-                    accuracy=accuracy, trainable_params=trainable,
-                    seconds=time.perf_counter() - start,
-                    peak_mem_mb=mem.mb)
-                rows.append(row)
-                bar.update()
-    finally:
-        bar.close()
-    return Table(rows, title=f"Transfer strategies ({epochs} epochs, "
-                             f"lr {lr:g})")
