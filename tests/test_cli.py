@@ -56,7 +56,7 @@ def test_run_defaults_stop_on_failure_with_a_cell_time_limit():
     assert args.timeout == runner.DEFAULT_TIMEOUT
 
 
-@pytest.mark.parametrize("bad", ["-3", "soon"])
+@pytest.mark.parametrize("bad", ["-3", "soon", "nan"])
 def test_a_bad_timeout_is_refused_with_the_value(bad, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["run", "--timeout", bad])
@@ -102,7 +102,159 @@ def test_console_script_help_is_fast_and_lists_commands():
     assert time.perf_counter() - start < 10
 
 
+def test_timeout_means_the_same_in_run_and_grade(capsys):
+    """Seconds a notebook's own cells may take in all; 0: no limit."""
+    from tlhelpers import grading
+
+    assert runner.DEFAULT_TIMEOUT == grading.DEFAULT_TIMEOUT
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    helps = [capsys.readouterr().out, grading.build_parser().format_help()]
+    for text in helps:
+        assert "seconds a notebook's own cells may take in all; 0: no " \
+               "limit" in " ".join(text.split())
+    assert cli.build_parser().parse_args(
+        ["run", "--timeout", "0"]).timeout == 0
+
+
+@pytest.mark.parametrize("argv", [[], ["run"], ["doctor"], ["prefetch"]])
+def test_help_documents_the_exit_codes(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv + ["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    listed = out.split("exit codes:\n", 1)[1].splitlines()
+    codes = [int(line.split()[0]) for line in listed if line.strip()]
+    command = argv[0] if argv else "tlcourse"
+    assert codes == [code for code, _ in cli.EXIT_CODES[command]]
+    assert 0 in codes and 2 in codes
+
+
+def test_help_exit_codes_match_what_the_commands_return(
+        monkeypatch, tmp_path, capsys):
+    def meaning(command, code):
+        return dict(cli.EXIT_CODES[command])[code]
+
+    monkeypatch.setenv("TLH_OFFLINE", "1")
+    assert cli.main(["prefetch", "resnet18"]) == 1  # cannot download
+    assert "TLH_OFFLINE" in meaning("prefetch", 1)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run"]) == 2  # not in a course folder
+    assert "no course folder" in meaning("run", 2)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["doctor", "--bogus"])
+    assert exit_.value.code == 2 and meaning("doctor", 2) == "usage error"
+
+
+def course(folder, *names):
+    """Make a course folder holding notebooks/NAME for each name."""
+    (folder / "notebooks").mkdir(parents=True)
+    for name in names:
+        (folder / "notebooks" / name).write_text("{}")
+    return folder
+
+
+def test_run_outside_a_course_folder_says_so_and_runs_nothing(
+        monkeypatch, tmp_path, capsys):
+    """Not the installed package's notebooks: those are not the learner's."""
+    called = []
+    monkeypatch.setattr(runner, "run_course",
+                        lambda *a, **kw: called.append(a))
+    monkeypatch.chdir(tmp_path)
+    assert runner.find_course_dir() is None
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "not in a course folder" in err and "--course DIR" in err
+    assert str(tmp_path) in err and called == []
+
+
+def test_run_course_option_runs_that_folders_notebooks(monkeypatch,
+                                                       tmp_path):
+    seen = {}
+
+    def fake_run_course(notebooks, out_dir, **kw):
+        seen.update(notebooks=notebooks, out_dir=out_dir)
+        return runner.Build(results=[runner.NotebookResult(
+            name="01_a.ipynb", source=None, status="passed")],
+            index=out_dir / "index.html", mode="full")
+
+    monkeypatch.setattr(runner, "run_course", fake_run_course)
+    folder = course(tmp_path / "clone", "01_a.ipynb", "02_b.ipynb")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main(["run", "--no-progress", "--course",
+                     str(folder)]) == 0
+    assert [p.name for p in seen["notebooks"]] == ["01_a.ipynb",
+                                                    "02_b.ipynb"]
+    assert seen["out_dir"] == folder.resolve() / "_build"
+
+
+def test_run_course_option_without_notebooks_is_a_usage_error(
+        tmp_path, capsys):
+    assert cli.main(["run", "--course", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--course" in err and str(tmp_path) in err
+
+
 # ----------------------------------------------------------------- doctor
+
+
+class FakeDist:
+    """An installed distribution with one file of `size` bytes."""
+
+    def __init__(self, folder, name, size):
+        self.metadata = {"Name": name}
+        self.folder = folder
+        self.files = [f"{name}/lib.so"]
+        (folder / name).mkdir(parents=True)
+        (folder / name / "lib.so").write_bytes(b"\0" * size)
+
+    def locate_file(self, file):
+        return self.folder / file
+
+
+def fake_torch(cuda=None, hip=None, version="2.14.1"):
+    return types.SimpleNamespace(
+        __version__=version,
+        version=types.SimpleNamespace(cuda=cuda, hip=hip))
+
+
+def test_torch_build_is_named():
+    assert cli.torch_build(fake_torch()) == "CPU"
+    assert cli.torch_build(fake_torch(cuda="13.0")) == "CUDA 13.0"
+    assert cli.torch_build(fake_torch(hip="6.2")) == "ROCm 6.2"
+
+
+def test_doctor_warns_of_a_cuda_build_without_a_gpu_with_size_and_fix(
+        tmp_path):
+    mb = 2**20
+    dists = [FakeDist(tmp_path, "torch", 3 * mb),
+             FakeDist(tmp_path, "nvidia-cublas", 5 * mb),
+             FakeDist(tmp_path, "triton", 2 * mb),
+             FakeDist(tmp_path, "numpy", 7 * mb)]
+    report = cli.Report()
+    torch = fake_torch(cuda="13.0", version="2.14.1+cu130")
+    assert cli.check_torch_build(report, torch, gpu_found=False,
+                                 distributions=dists) == "CUDA 13.0"
+    [note] = report.findings
+    assert note.severity == "note"  # it runs, only wastefully
+    assert "torch 2.14.1+cu130 is the CUDA 13.0 build" in note.what
+    assert "no GPU" in note.what and "10.0 MB" in note.what  # numpy not
+    assert note.todo.startswith("pip uninstall -y torch torchvision "
+                                "nvidia-cublas triton && pip install torch "
+                                "torchvision --index-url ")
+    assert note.todo.endswith(cli.CPU_INDEX) and "/cpu" in cli.CPU_INDEX
+
+
+@pytest.mark.parametrize("cuda, gpu", [(None, False), ("13.0", True)])
+def test_doctor_is_quiet_about_a_cpu_build_or_a_cuda_build_with_a_gpu(
+        cuda, gpu, tmp_path):
+    report = cli.Report()
+    cli.check_torch_build(report, fake_torch(cuda=cuda), gpu_found=gpu,
+                          distributions=[])
+    assert report.findings == []
+
+
 
 def test_doctor_reports_versions_machine_backbones_caches_offline(
         no_network, monkeypatch, capsys):
@@ -114,6 +266,7 @@ def test_doctor_reports_versions_machine_backbones_caches_offline(
     assert time.perf_counter() - start < 60  # it must not hang
     assert code == 0
     for word in ("python", "torch", "torchvision", "timm", "numpy",
+                 "torch build",
                  "ipywidgets", "jupyterlab", "torch threads", "memory",
                  "course cache", "torch hub", "efficientnet_lite0 (default)",
                  "resnet18", "needs a download", "online"):

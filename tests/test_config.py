@@ -1,6 +1,7 @@
 """Tests for tlhelpers.config: modes, cache folder, seeding, setup line."""
 
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +31,33 @@ def test_cache_dir_honours_the_environment_and_creates_folders(tmp_path):
     env = {"TLH_CACHE_DIR": str(tmp_path / "c")}
     path = config.cache_dir("features", "x", environ=env)
     assert path == tmp_path / "c" / "features" / "x" and path.is_dir()
+
+
+def test_default_cache_folder_is_the_operating_systems_one(monkeypatch,
+                                                          tmp_path):
+    import platformdirs
+
+    asked = []
+
+    def user_cache_dir(appname, appauthor=None, **kwargs):
+        asked.append((appname, appauthor))
+        return str(tmp_path / "os-cache" / appname)
+
+    monkeypatch.setattr(platformdirs, "user_cache_dir", user_cache_dir)
+    path = config.cache_dir("features", environ={})
+    assert path == tmp_path / "os-cache" / "tlhelpers" / "features"
+    assert path.is_dir() and asked == [("tlhelpers", False)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="XDG_CACHE_HOME is the Linux convention")
+def test_default_cache_folder_follows_xdg_cache_home_on_linux(
+        monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert config.cache_dir(environ={}) == tmp_path / "xdg" / "tlhelpers"
+    # TLH_CACHE_DIR still wins over the operating system's folder.
+    env = {"TLH_CACHE_DIR": str(tmp_path / "mine")}
+    assert config.cache_dir(environ=env) == tmp_path / "mine"
 
 
 def test_seed_everything_repeats_every_generator():

@@ -595,6 +595,37 @@ def test_plots_work_headless_and_respect_a_chosen_backend():
     assert _backend_after_plot({"MPLBACKEND": "svg"}) == "svg"
 
 
+def test_plots_call_no_private_matplotlib_api():
+    """Only matplotlib's public names: private ones change without notice."""
+    import ast
+
+    tree = ast.parse(open(plots.__file__, encoding="utf-8").read())
+    private = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and \
+                node.module.startswith("matplotlib"):
+            names = node.module.split(".") + [a.name for a in node.names]
+            private += [n for n in names if n.startswith("_")]
+        elif isinstance(node, ast.Import):
+            private += [a.name for a in node.names
+                        if a.name.startswith("matplotlib")
+                        and "._" in a.name]
+        elif isinstance(node, ast.Attribute) and \
+                node.attr.startswith("_") and \
+                not node.attr.startswith("__") and \
+                isinstance(node.value, ast.Name) and \
+                node.value.id in ("matplotlib", "mpl", "plt", "rcsetup"):
+            private.append(f"{node.value.id}.{node.attr}")
+        elif isinstance(node, ast.Call) and \
+                getattr(node.func, "id", None) == "getattr" and \
+                len(node.args) > 1 and \
+                isinstance(node.args[1], ast.Constant) and \
+                str(node.args[1].value).startswith("_") and \
+                not str(node.args[1].value).startswith("__"):
+            private.append(f"getattr(..., {node.args[1].value!r})")
+    assert private == []
+
+
 # ---------------------------------------------------------------- real model
 
 

@@ -203,6 +203,23 @@ def test_timeout_names_the_slow_cell_and_the_option(tmp_path, capsys):
     assert "--timeout" in err
 
 
+def test_a_notebooks_time_limit_covers_all_its_cells(tmp_path):
+    """Two cells of 3 s each under a 5 s limit: the second one stops."""
+    nb = write_nb(tmp_path / "01_two.ipynb", "import time\ntime.sleep(3)",
+                  "time.sleep(3)")
+    result = runner.execute_notebook(nb, tmp_path / "out", timeout=5)
+    assert result.status == "failed"
+    assert result.error.cell == 2 and result.error.ename == "Timeout"
+
+
+def test_no_time_limit_with_timeout_0(tmp_path):
+    nb = write_nb(tmp_path / "01_ok.ipynb", "x = 1")
+    assert runner.execute_notebook(nb, tmp_path / "o", timeout=0).status \
+        == "passed"
+    with pytest.raises(ValueError, match="0: no limit"):
+        runner.execute_notebook(nb, tmp_path / "o", timeout=-1)
+
+
 def test_solutions_are_filled_in_and_run_in_strict_mode(
         tmp_path, monkeypatch, capsys):
     nb = write_nb(tmp_path / "01_exercise.ipynb",

@@ -1,5 +1,6 @@
 """Tests for tlhelpers.widgets: built and driven headless, as in CI."""
 
+import base64
 import io
 from types import SimpleNamespace
 
@@ -12,9 +13,8 @@ from tlhelpers import models, plots, widgets
 
 
 @pytest.fixture(autouse=True)
-def _close_figures(monkeypatch):
-    """No TLH_LIVE from the caller's shell; no figure left open."""
-    monkeypatch.delenv("TLH_LIVE", raising=False)
+def _close_figures():
+    """No figure left open."""
     yield
     plots._pyplot().close("all")
 
@@ -48,46 +48,96 @@ def growing_history(n):
         best_epoch=n)
 
 
-# ---------------------------------------------------------------- front end
-
-
-class FakeShell:
-    kernel = object()
-
-
-def test_no_frontend_in_plain_python():
-    assert widgets.has_frontend(environ={}) is False
-    assert widgets.has_frontend(shell=SimpleNamespace(kernel=None),
-                                environ={}) is False
-
-
-def test_frontend_when_a_jupyter_server_opened_the_notebook():
-    env = {"JPY_SESSION_NAME": "04_progressive_unfreezing.ipynb"}
-    assert widgets.has_frontend(shell=FakeShell(), environ=env) is True
-
-
-def test_no_frontend_in_kernels_run_by_test_and_ci_tools():
-    for cmd in ("python -m pytest --nbval-lax notebooks",
-                "jupyter-nbconvert --execute x.ipynb",
-                "python -m papermill a.ipynb b.ipynb"):
-        assert widgets.has_frontend(shell=FakeShell(), environ={},
-                                    parent_cmdline=cmd) is False
-    assert widgets.has_frontend(shell=FakeShell(), environ={},
-                                parent_cmdline="jupyter-lab") is True
-
-
-def test_tlh_live_overrides_the_guess():
-    assert widgets.has_frontend(environ={"TLH_LIVE": "widget"}) is True
-    assert widgets.has_frontend(shell=FakeShell(),
-                                environ={"TLH_LIVE": "text",
-                                         "JPY_SESSION_NAME": "x"}) is False
-
-
 # ---------------------------------------------------------------- live plot
 
 
-def test_live_plot_auto_mode_prints_when_nobody_can_see_widgets():
+class FakeHandle:
+    """Records what a display handle was asked to show."""
+
+    def __init__(self, shown):
+        self.shown = shown
+
+    def update(self, obj, **kwargs):
+        self.shown.append(("update", obj, kwargs))
+
+
+def fake_display(monkeypatch):
+    """Stand in for IPython's display(); return the list of calls."""
+    import IPython.display
+
+    shown = []
+
+    def display(obj, **kwargs):
+        shown.append(("display", obj, kwargs))
+        return FakeHandle(shown) if kwargs.get("display_id") else None
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    return shown
+
+
+def test_live_plot_auto_mode_prints_outside_a_notebook_kernel():
     assert widgets.LivePlot().mode == "text"
+
+
+def test_live_plot_in_a_kernel_redraws_through_one_display_handle(
+        monkeypatch):
+    monkeypatch.setattr(widgets, "_in_kernel", lambda: True)
+    shown = fake_display(monkeypatch)
+    live = widgets.LivePlot(epochs=3)
+    assert live.mode == "display"
+    for n in (1, 2, 3):
+        live.update(growing_history(n))
+    live.close()
+    kinds = [kind for kind, _, _ in shown]
+    assert kinds == ["display", "update", "update"]
+    assert shown[0][2] == {"raw": True, "display_id": True}
+    last = shown[-1][1]
+    assert last["text/plain"].startswith("epoch 3/3")
+    assert base64.b64decode(last["image/png"]) == live.png
+    assert live.png[:4] == b"\x89PNG"
+    assert plots._pyplot().get_fignums() == []  # no second inline copy
+
+
+def test_live_plot_for_a_layout_draws_in_its_own_output_widget(
+        monkeypatch):
+    monkeypatch.setattr(widgets, "_in_kernel", lambda: True)
+    shown = fake_display(monkeypatch)
+    live = widgets.LivePlot(autodisplay=False)
+    assert live.mode == "widget"
+    assert isinstance(live.widget, ipywidgets.Output)
+    live.update(growing_history(1))
+    live.update(growing_history(2))
+    assert [kind for kind, _, _ in shown] == ["display", "update"]
+    live.reset()  # a new run gets a new handle in the cleared widget
+    live.update(growing_history(1))
+    assert [kind for kind, _, _ in shown][-1] == "display"
+
+
+def test_live_plot_run_headless_keeps_the_final_figure_in_the_notebook(
+        tmp_path):
+    """nbclient (tlcourse run, nbval) saves what the handle showed last."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from tlhelpers import runner
+
+    code = ("from tlhelpers.widgets import LivePlot\n"
+            "live = LivePlot(epochs=3)\n"
+            "for n in (1, 2, 3):\n"
+            "    live.update([{'epoch': e, 'train_loss': 1 / e,\n"
+            "                  'val_acc': 0.5} for e in range(1, n + 1)])\n"
+            "print(live.mode)")
+    nb_path = tmp_path / "01_live.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(code)]), nb_path)
+    result = runner.execute_notebook(nb_path, tmp_path / "out", timeout=120)
+    assert result.status == "passed", result.error
+    outputs = nbformat.read(result.ipynb, as_version=4).cells[0].outputs
+    figures = [o for o in outputs if o.output_type == "display_data"]
+    assert len(figures) == 1, outputs  # one figure, updated in place
+    assert figures[0].data["text/plain"].startswith("epoch 3/3")
+    assert base64.b64decode(figures[0].data["image/png"])[:4] == \
+        b"\x89PNG"
+    assert "display" in "".join(o.get("text", "") for o in outputs)
 
 
 def test_live_plot_text_mode_prints_each_epoch_once(capsys):

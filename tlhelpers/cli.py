@@ -9,6 +9,7 @@ import platform
 import shutil
 import socket
 import sys
+import textwrap
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -28,6 +29,13 @@ FALLBACK_BACKBONE = "efficientnet_lite0"
 SHOWN_VERSIONS = ("torch", "torchvision", "timm", "numpy", "ipywidgets",
                   "jupyterlab")
 TODO_INSTALL = "in the course folder run: pip install -e ."
+# PyTorch's own index of CPU-only wheels (the README's CPU route).
+CPU_INDEX = "$TORCH_CPU_INDEX"
+# A fresh venv of the course with the CPU build, as measured for the
+# README (Linux, Python 3.11, `pip install -e ".[lab]"`).
+CPU_VENV_GB = 1.6
+# Distributions only a CUDA build of torch needs (Linux wheels from PyPI).
+CUDA_ONLY = ("nvidia-", "triton", "cuda-")
 # A venv made with --system-site-packages sees nbconvert but not its
 # templates (they sit in the base Python's share/jupyter folder).
 TODO_HTML = ("pip install --force-reinstall --no-deps nbconvert "
@@ -306,6 +314,60 @@ def check_kernel(report):
     return there
 
 
+def torch_build(torch):
+    """Name the build of `torch`: "CPU", "CUDA 13.0" or "ROCm 6.2"."""
+    cuda = getattr(torch.version, "cuda", None)
+    hip = getattr(torch.version, "hip", None)
+    if cuda:
+        return f"CUDA {cuda}"
+    if hip:
+        return f"ROCm {hip}"
+    return "CPU"
+
+
+def dist_size(dist):
+    """Return the bytes an installed distribution's files take on disk."""
+    total = 0
+    for file in dist.files or ():
+        try:
+            total += os.lstat(dist.locate_file(file)).st_size
+        except OSError:
+            pass
+    return total
+
+
+def cuda_install_sizes(distributions=None):
+    """Return {name: bytes} of torch and the CUDA-only distributions."""
+    if distributions is None:
+        distributions = importlib.metadata.distributions()
+    found = {}
+    for dist in distributions:
+        name = (dist.metadata["Name"] or "").lower()
+        if (name == "torch" or name.startswith(CUDA_ONLY)) and \
+                name not in found:
+            found[name] = dist_size(dist)
+    return found
+
+
+def check_torch_build(report, torch, gpu_found, distributions=None):
+    """Note a CUDA build of torch on a machine without a GPU; return it."""
+    build = torch_build(torch)
+    if not build.startswith("CUDA") or gpu_found:
+        return build
+    sizes = cuda_install_sizes(distributions)
+    names = " ".join(sorted(n for n in sizes if n != "torch"))
+    report.note(
+        f"torch {torch.__version__} is the {build} build, but this machine "
+        f"has no GPU: with its CUDA libraries it takes "
+        f"{_human(sum(sizes.values()))} on disk here; the CPU build needs "
+        f"no CUDA library (the whole course environment with it: about "
+        f"{CPU_VENV_GB} GB)",
+        "pip uninstall -y torch torchvision "
+        + (names + " " if names else "")
+        + f"&& pip install torch torchvision --index-url {CPU_INDEX}")
+    return build
+
+
 def doctor(environ=None, online=True, timeout=ONLINE_TIMEOUT):
     """Check that this machine can run the course; return a Report."""
     from tlhelpers import config
@@ -317,9 +379,9 @@ def doctor(environ=None, online=True, timeout=ONLINE_TIMEOUT):
     versions = [("python", py), ("tlhelpers", tlhelpers.__version__)]
     versions += [(d, _version(d) or "not installed") for d in SHOWN_VERSIONS]
     report.sections.append(("versions", versions))
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 11):
         report.problem(f"Python {py} is too old for the course",
-                       "use Python 3.10 or newer (environment.yml: 3.11)")
+                       "use Python 3.11 or newer (environment.yml: 3.11)")
     requirements = _runtime_requirements()
     if requirements is None:
         report.note("tlhelpers is imported from source, not installed",
@@ -332,6 +394,7 @@ def doctor(environ=None, online=True, timeout=ONLINE_TIMEOUT):
 
     cores = usable_cores()
     threads = torch.get_num_threads()
+    gpu_found = True
     if torch.cuda.is_available():
         gpu = ", ".join(torch.cuda.get_device_name(i)
                         for i in range(torch.cuda.device_count()))
@@ -340,6 +403,8 @@ def doctor(environ=None, online=True, timeout=ONLINE_TIMEOUT):
         gpu = "Apple MPS"
     else:
         gpu = "none: CPU only (the course is sized for a CPU)"
+        gpu_found = False
+    build = check_torch_build(report, torch, gpu_found)
     mem = psutil.virtual_memory()
     total, available = mem.total, mem.available
     capped = cgroup_memory()
@@ -351,6 +416,7 @@ def doctor(environ=None, online=True, timeout=ONLINE_TIMEOUT):
         ("cpu", f"{platform.machine() or '?'}, {os.cpu_count()} logical "
                 f"cores, {cores} usable"),
         ("gpu", gpu),
+        ("torch build", f"{build} (torch {torch.__version__})"),
         ("device", str(config.get_device())),
         ("torch threads", f"{threads} (OMP_NUM_THREADS {omp})"),
         ("memory", f"{_human(total)} total, {_human(available)} available"
@@ -434,13 +500,22 @@ def _shown(path):
 
 def cmd_run(args):
     """Run the course notebooks; exit 1 naming the first failing cell."""
-    course = runner.find_course_dir()
+    if args.course is not None:
+        course = Path(args.course).expanduser().resolve()
+        if not runner.course_notebooks(course):
+            print(f"tlcourse run: --course {args.course}: no course "
+                  f"notebooks (notebooks/NN_*.ipynb) in {course}; give the "
+                  "folder of your clone of the course", file=sys.stderr)
+            return 2
+    else:
+        course = runner.find_course_dir()
     if args.notebooks:
         notebooks = [Path(p) for p in args.notebooks]
     elif course is None:
-        print("tlcourse run: no course notebooks found (notebooks/NN_*."
-              "ipynb) in this folder or its parents; run it from the "
-              "course folder, or name the notebooks", file=sys.stderr)
+        print(f"tlcourse run: {Path.cwd()} is not in a course folder (no "
+              "notebooks/NN_*.ipynb here or in a parent folder); cd into "
+              "your clone of the course, give --course DIR, or name the "
+              "notebooks", file=sys.stderr)
         return 2
     else:
         notebooks = runner.course_notebooks(course)
@@ -540,27 +615,59 @@ def _seconds(text):
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"must be a number of seconds, got {text!r}") from None
-    if value < 0:
+    if not value >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(
             f"must be >= 0 seconds (0: no limit), got {text}")
     return value
 
 
+# The exit codes each command documents in its --help (`tlcourse grade`
+# documents its own).
+EXIT_CODES = {
+    "tlcourse": [(0, "the command succeeded"),
+                 (2, "usage error; each command's --help lists its codes")],
+    "run": [(0, "every notebook passed"),
+            (1, "a notebook failed (its name, cell and error are printed)"),
+            (2, "usage error: a bad option, a missing notebook, or no "
+                "course folder"),
+            (130, "interrupted (Ctrl-C)")],
+    "doctor": [(0, "the course can run here (notes may follow)"),
+               (1, "a problem stops the course (see \"problems\")"),
+               (2, "usage error")],
+    "prefetch": [(0, "every backbone is ready offline"),
+                 (1, "a backbone failed, or TLH_OFFLINE is set"),
+                 (2, "usage error")],
+}
+
+
+def _epilog(command):
+    rows = [f"  {code:<4} {what}" for code, what in EXIT_CODES[command]]
+    return "\n".join(["exit codes:", *rows])
+
+
+def _parser_args(description, command):
+    """Keyword arguments of a parser: wrapped text, listed exit codes."""
+    return dict(description=textwrap.fill(description, 79),
+                epilog=_epilog(command),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser():
     """Return the argument parser of the tlcourse command."""
     parser = argparse.ArgumentParser(
-        prog="tlcourse",
-        description="Run, check and grade the transfer-learning workbook.")
+        prog="tlcourse", **_parser_args(
+            "Run, check and grade the transfer-learning workbook.",
+            "tlcourse"))
     parser.add_argument("--version", action="version",
                         version=f"tlcourse {tlhelpers.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser(
         "run", help="execute the notebooks headless and build HTML",
-        description="Execute the course notebooks in order, each in a fresh "
+        **_parser_args("Execute the course notebooks in order, each in a fresh "
         "kernel, and write them executed plus an HTML build with an index "
         "page (status, duration, peak memory). Stops at the first failing "
-        "notebook and exits 1 naming it and the cell.")
+        "notebook and exits 1 naming it and the cell.", "run"))
     run.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
                      help="notebooks to run (default: every "
                      "notebooks/NN_*.ipynb of the course folder)")
@@ -569,10 +676,13 @@ def build_parser():
     run.add_argument("--out", metavar="DIR",
                      help="build folder (default: _build in the course "
                      "folder)")
+    run.add_argument("--course", metavar="DIR",
+                     help="the course folder (default: this folder or the "
+                     "first parent with notebooks/NN_*.ipynb)")
     run.add_argument("--timeout", metavar="S", type=_seconds,
                      default=runner.DEFAULT_TIMEOUT,
-                     help="seconds one cell may run (default: "
-                     f"{runner.DEFAULT_TIMEOUT}; 0: no limit)")
+                     help="seconds a notebook's own cells may take in all; "
+                     f"0: no limit (default: {runner.DEFAULT_TIMEOUT})")
     run.add_argument("--keep-going", action="store_true",
                      help="run the remaining notebooks after a failure")
     run.add_argument("--solutions", action="store_true",
@@ -584,10 +694,10 @@ def build_parser():
 
     doc = sub.add_parser(
         "doctor", help="check this machine for the course",
-        description="Print versions, CPU/GPU, threads, memory, the "
+        **_parser_args("Print versions, CPU/GPU, threads, memory, the "
         "backbones available offline, cache folders and whether the "
         "machine is online, with what to do about each problem. Exits 0 "
-        "when the course can run here, 1 otherwise.")
+        "when the course can run here, 1 otherwise.", "doctor"))
     doc.add_argument("--no-online", action="store_true",
                      help="skip the online check (TLH_OFFLINE=1 skips it too)")
     doc.add_argument("--online-timeout", metavar="S", type=_seconds,
@@ -598,9 +708,9 @@ def build_parser():
 
     pre = sub.add_parser(
         "prefetch", help="download backbone weights for offline use",
-        description="Load each named backbone once, which downloads its "
+        **_parser_args("Load each named backbone once, which downloads its "
         "weights into the cache while online; later runs load them "
-        "offline.")
+        "offline.", "prefetch"))
     pre.add_argument("names", nargs="+", metavar="NAME",
                      help="backbone names, e.g. resnet18")
     pre.set_defaults(handler=cmd_prefetch)

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import platformdirs
 import torch
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -36,13 +37,21 @@ def by_mode(full, smoke, environ=None):
     return smoke if smoke_mode(environ) else full
 
 
+def default_cache_root():
+    """Return this operating system's cache folder for the course."""
+    return Path(platformdirs.user_cache_dir("tlhelpers", appauthor=False))
+
+
 def cache_dir(*parts, environ=None):
     """Return (and create) the course cache folder, or a folder inside it.
 
-    TLH_CACHE_DIR overrides the default ``~/.cache/tlhelpers``.
+    TLH_CACHE_DIR overrides the default: the operating system's cache
+    folder, from platformdirs (``~/.cache/tlhelpers`` on Linux,
+    ``~/Library/Caches/tlhelpers`` on macOS, under ``%LOCALAPPDATA%`` on
+    Windows).
     """
     env = os.environ if environ is None else environ
-    root = env.get("TLH_CACHE_DIR") or Path.home() / ".cache" / "tlhelpers"
+    root = env.get("TLH_CACHE_DIR") or default_cache_root()
     path = Path(root).expanduser().joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -12,7 +12,6 @@ and a label as well as by colour.
 """
 
 import math
-import os
 import sys
 import warnings
 from collections import OrderedDict
@@ -42,13 +41,6 @@ __all__ = [
 # ---------------------------------------------------------------- backend
 
 
-def _has_display():
-    if sys.platform in ("darwin", "win32"):
-        return True
-    return bool(os.environ.get("DISPLAY") or
-                os.environ.get("WAYLAND_DISPLAY"))
-
-
 def _in_ipython_kernel():
     ip = _get_ipython()
     return ip is not None and getattr(ip, "kernel", None) is not None
@@ -62,32 +54,13 @@ def _get_ipython():
     return get_ipython()
 
 
-def _backend_chosen(matplotlib):
-    """True when a backend was set (rcParams, matplotlib.use, matplotlibrc)."""
-    getter = getattr(matplotlib.rcParams, "_get_backend_or_none", None)
-    if getter is not None:
-        return getter() is not None
-    from matplotlib import rcsetup
-
-    # Older matplotlib: an unresolved backend is a sentinel object; reading
-    # it through rcParams[...] would resolve it, so read the raw dict.
-    value = dict.__getitem__(matplotlib.rcParams, "backend")
-    return value is not getattr(rcsetup, "_auto_backend_sentinel", None)
-
-
 def _pyplot():
-    """Import pyplot; choose Agg only when nothing could show a figure.
+    """Import pyplot, leaving the choice of backend to matplotlib.
 
-    A backend someone chose (MPLBACKEND, matplotlib.use, a notebook's
-    inline backend) is never changed.
+    matplotlib picks a window backend where one can be shown and Agg where
+    none can (a headless server, CI); a Jupyter kernel brings its inline
+    backend, and MPLBACKEND or matplotlib.use() win over both.
     """
-    import matplotlib
-
-    chosen = (os.environ.get("MPLBACKEND") or
-              "matplotlib.pyplot" in sys.modules or
-              _backend_chosen(matplotlib))
-    if not chosen and not _has_display() and not _in_ipython_kernel():
-        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -109,11 +82,11 @@ class CourseFigure(Figure):
 
     def _ipython_display_(self):
         from matplotlib import get_backend
-        from matplotlib._pylab_helpers import Gcf
 
+        plt = _pyplot()
         backend = get_backend().lower()
-        held = any(m.canvas.figure is self
-                   for m in Gcf.get_all_fig_managers())
+        # pyplot gives a figure a manager until plt.close() takes it away.
+        held = self.canvas.manager is not None
         if held and "inline" not in backend and \
                 backend not in _FILE_BACKENDS:
             return  # a window or widget backend shows it already
@@ -121,7 +94,7 @@ class CourseFigure(Figure):
 
         display(Image(data=figure_to_png(self), format="png"))
         if held:
-            _pyplot().close(self)
+            plt.close(self)
 
 
 def _subplots(nrows=1, ncols=1, figsize=None, **kwargs):

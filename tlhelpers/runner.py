@@ -9,6 +9,7 @@ import datetime
 import html
 import importlib
 import json
+import math
 import os
 import platform
 import re
@@ -25,7 +26,9 @@ from tlhelpers import files
 
 # NN_snake_case.ipynb, the course's naming rule for its notebooks.
 NOTEBOOK_NAME = re.compile(r"^\d{2}_[A-Za-z0-9_]+\.ipynb$")
-DEFAULT_TIMEOUT = 600
+# Seconds a notebook's own cells may take in all (0: no limit): the same
+# meaning, and the same default, as in `tlcourse grade`.
+DEFAULT_TIMEOUT = 900
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
@@ -108,14 +111,13 @@ def course_notebooks(course_dir):
 def find_course_dir(start=None):
     """Find the course folder: the first one with notebooks/NN_*.ipynb.
 
-    Looks in `start` (default: the current folder) and its parents, then
-    in the folder that holds the tlhelpers package (a clone of the course).
-    Returns None when there is none.
+    Looks in `start` (default: the current folder) and its parents only:
+    outside a course folder there is none (the installed package's own
+    folder is never used in its place). Returns None when there is none.
     """
     start = Path.cwd() if start is None else Path(start)
     start = start.resolve()
-    package_repo = Path(__file__).resolve().parent.parent
-    for folder in (start, *start.parents, package_repo):
+    for folder in (start, *start.parents):
         if course_notebooks(folder):
             return folder
     return None
@@ -133,8 +135,6 @@ def kernel_env(environ=None, smoke=False, solutions=False):
     # A kernel draws inline, as in Jupyter: an MPLBACKEND meant for scripts
     # (CI sets Agg) would leave the HTML pages without their plots.
     env["MPLBACKEND"] = INLINE_BACKEND
-    # No one watches a headless run: live plots print one line per epoch.
-    env.setdefault("TLH_LIVE", "text")
     # Silences the debugger's frozen-modules warning on every kernel start.
     env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     return env
@@ -262,8 +262,8 @@ def _cell_error(nb, index, exc):
         ename, evalue = exc.ename, exc.evalue
     elif isinstance(exc, CellTimeoutError):
         ename, evalue = "Timeout", (
-            "the cell ran longer than the time limit; raise it with "
-            "--timeout SECONDS")
+            "the notebook's cells ran longer than the time limit; raise "
+            "it with --timeout SECONDS")
     elif isinstance(exc, DeadKernelError):
         ename, evalue = "KernelDied", (
             "the kernel stopped (often: out of memory); try TLH_SMOKE=1 "
@@ -278,6 +278,17 @@ def _cell_error(nb, index, exc):
     return CellError(cell=index + 1, cells=len(nb.cells),
                      first_line=first_line(nb.cells[index].source),
                      ename=ename, evalue=evalue)
+
+
+def check_timeout(timeout):
+    """Refuse a time limit that is not a number of seconds >= 0."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not timeout >= 0:
+        raise ValueError(f"timeout must be >= 0 seconds (the time a "
+                         f"notebook's own cells may take in all; 0: no "
+                         f"limit), got {timeout!r}")
 
 
 def export_html(nb, path):
@@ -296,7 +307,8 @@ def execute_notebook(path, out_dir, timeout=DEFAULT_TIMEOUT, env=None,
     Args:
         path: the notebook to run.
         out_dir: folder for the executed `.ipynb` and its `.html`.
-        timeout: seconds each cell may take (None or 0: no limit).
+        timeout: seconds the notebook's own cells may take in all
+            (None or 0: no limit).
         env: the kernel's environment (default: this process's).
         cwd: the kernel's working folder (default: the notebook's folder).
         name: file name of the outputs (default: the notebook's name).
@@ -308,13 +320,14 @@ def execute_notebook(path, out_dir, timeout=DEFAULT_TIMEOUT, env=None,
     import nbformat
     from nbclient import NotebookClient
 
+    check_timeout(timeout)
     path = Path(path)
     out_dir = Path(out_dir)
     name = name or path.name
     nb = nbformat.read(path, as_version=4)
     cwd = Path(cwd) if cwd is not None else path.resolve().parent
     client = NotebookClient(
-        nb, km=this_python_kernel(), timeout=timeout or None,
+        nb, km=this_python_kernel(), timeout=None,
         allow_errors=False, record_timing=True,
         resources={"metadata": {"path": str(cwd)}})
     result = NotebookResult(name=name, source=path)
@@ -330,9 +343,13 @@ def execute_notebook(path, out_dir, timeout=DEFAULT_TIMEOUT, env=None,
                     if info and "language_info" in info["content"]:
                         nb.metadata["language_info"] = (
                             info["content"]["language_info"])
+                    deadline = time.monotonic() + (timeout or math.inf)
                     for index, cell in enumerate(nb.cells):
                         if on_cell is not None:
                             on_cell(index, len(nb.cells))
+                        if timeout:  # what is left of the notebook's time
+                            client.timeout = max(
+                                1, math.ceil(deadline - time.monotonic()))
                         client.execute_cell(
                             cell, index,
                             execution_count=client.code_cells_executed + 1)
@@ -488,6 +505,7 @@ def run_course(notebooks, out_dir, smoke=False, timeout=DEFAULT_TIMEOUT,
 
     from tlhelpers import config
 
+    check_timeout(timeout)
     notebooks = [Path(p) for p in notebooks]
     if not notebooks:
         raise ValueError("no notebooks to run: name some, or run tlcourse "

@@ -1,27 +1,23 @@
 """Interactive widgets: a live training plot, a training explorer and a
 feature-map browser.
 
-Every widget also works where no one can see it (a plain Python script,
-a notebook run by nbclient or nbval in CI): the live plot then prints one
-line per epoch, and the widgets' handlers (`run`, `show`) can be called
-directly, which is how the tests drive them.
+Every widget also works where no one can see it. The live plot redraws
+its figure through a display handle, which a front end shows as it
+changes and a headless run (nbclient, nbval) saves, final figure
+included; in plain Python it prints one line per epoch. The widgets'
+handlers (`run`, `show`) can be called directly, which is how the tests
+drive them.
 """
 
-import os
+import base64
 import sys
 
 from tlhelpers import plots
 
-MODES = ("auto", "widget", "text")
+MODES = ("auto", "display", "widget", "text")
 STRATEGIES = ("head only", "last k groups", "full fine-tuning")
 
-# Programs that execute notebooks with nobody watching: widgets sent from
-# their kernels are never drawn, so the live plot prints instead.
-HEADLESS_RUNNERS = ("pytest", "nbclient", "nbval", "nbconvert", "papermill",
-                    "nbmake", "testbook", "tlcourse", "tlhelpers.cli",
-                    "tlhelpers.runner", "tlhelpers.grading")
-
-__all__ = ["LivePlot", "has_frontend", "training_explorer",
+__all__ = ["LivePlot", "training_explorer",
            "TrainingExplorer", "feature_map_browser", "FeatureMapBrowser",
            "apply_strategy", "short_training", "STRATEGIES"]
 
@@ -29,53 +25,23 @@ __all__ = ["LivePlot", "has_frontend", "training_explorer",
 # ---------------------------------------------------------------- front end
 
 
-def _parent_cmdline(environ):
-    pid = environ.get("JPY_PARENT_PID")
-    if not pid:
-        return ""
-    try:
-        import psutil
-
-        return " ".join(psutil.Process(int(pid)).cmdline())
-    except Exception:  # gone, not ours to read, or psutil missing
-        return ""
-
-
-def has_frontend(shell=None, environ=None, parent_cmdline=None):
-    """Say whether a person can see widgets drawn from this process.
-
-    True inside a Jupyter kernel that a front end (JupyterLab, Notebook,
-    VS Code, Colab) talks to; False in plain Python and in kernels run
-    headless by nbclient, nbval, nbconvert or papermill. TLH_LIVE=text or
-    TLH_LIVE=widget overrides the guess.
-
-    Args:
-        shell: the IPython shell (default: get_ipython()).
-        environ: the environment (default: os.environ).
-        parent_cmdline: the command line of the program that started the
-            kernel (default: read from JPY_PARENT_PID).
-    """
-    env = os.environ if environ is None else environ
-    forced = env.get("TLH_LIVE", "").strip().lower()
-    if forced in ("text", "widget"):
-        return forced == "widget"
-    if shell is None:
-        shell = plots._get_ipython()
-    if shell is None or getattr(shell, "kernel", None) is None:
+def _in_kernel():
+    """True inside an IPython kernel (Jupyter, VS Code, nbclient, nbval)."""
+    if "IPython" not in sys.modules:
         return False
-    if env.get("JPY_SESSION_NAME"):
-        return True  # a Jupyter server opened this notebook for someone
-    if parent_cmdline is None:
-        parent_cmdline = _parent_cmdline(env)
-    low = parent_cmdline.lower()
-    return not any(name in low for name in HEADLESS_RUNNERS)
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def _resolve_mode(mode):
+def _resolve_mode(mode, autodisplay=True):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "auto":
-        return "widget" if has_frontend() else "text"
+        if not _in_kernel():
+            return "text"
+        return "display" if autodisplay else "widget"
     return mode
 
 
@@ -94,13 +60,6 @@ def _render(output, fig):
             clear_output(wait=True)
             display(Image(data=png, format="png"))
     return png
-
-
-def _display(widget):
-    if plots._in_ipython_kernel():
-        from IPython.display import display
-
-        display(widget)
 
 
 # ---------------------------------------------------------------- live plot
@@ -142,34 +101,39 @@ def _format_epoch(record, total=None, events=()):
 class LivePlot:
     """Show training as it happens: pass one to fit(..., live=LivePlot()).
 
-    In a notebook someone is looking at, the training curves are redrawn
-    after every epoch inside a widget. Elsewhere (a script, CI) one line
-    per epoch is printed instead. fit() calls ``update(history)`` after
-    each epoch and ``close()`` at the end.
+    In a notebook the training curves are drawn under the cell and redrawn
+    after every epoch through one display handle: a front end shows each
+    new figure in place, and a notebook saved after a headless run (nbval,
+    ``tlcourse run``) keeps the final one. In plain Python one line per
+    epoch is printed instead. fit() calls ``update(history)`` after each
+    epoch and ``close()`` at the end.
 
     Args:
-        mode: "auto" (guess with has_frontend()), "widget" or "text".
+        mode: "auto" ("display" in a notebook kernel, "text" elsewhere),
+            "display", "widget" (the figure in an ipywidgets Output, for
+            layouts) or "text".
         epochs: the planned number of epochs, shown as "epoch 3/10".
         metrics: the plot_history panels to draw.
-        autodisplay: show the widget under the cell at the first update
-            (set False when you place ``.widget`` in a layout yourself).
+        autodisplay: show the figure under the cell at the first update;
+            with False, "auto" picks "widget" and you place ``.widget``
+            in a layout yourself.
     """
 
     def __init__(self, mode="auto", epochs=None,
                  metrics=("loss", "accuracy", "lr"), title=None,
                  autodisplay=True, file=None):
-        self.mode = _resolve_mode(mode)
+        self.mode = _resolve_mode(mode, autodisplay)
         self.epochs = epochs
         self.metrics = metrics
         self.title = title
         self.autodisplay = autodisplay
         self.file = file
         self.lines = []       # what text mode printed
-        self.png = None       # the last figure drawn in widget mode
+        self.png = None       # the last figure drawn
         self.updates = 0
         self.closed = False
+        self.handle = None    # the display handle the figure updates
         self._reported = 0
-        self._displayed = False
         self.widget = None
         if self.mode == "widget":
             import ipywidgets as widgets
@@ -190,17 +154,34 @@ class LivePlot:
                 self.lines.append(line)
                 print(line, file=out, flush=True)
         elif records:
-            if self.autodisplay and not self._displayed:
-                _display(self.widget)
-                self._displayed = True
             try:
                 fig = plots.plot_history(history, metrics=self.metrics,
                                          title=self._title(records))
             except ValueError:
                 # Nothing plottable yet (e.g. no loss recorded): wait.
                 return
-            self.png = _render(self.widget, fig)
+            self.png = plots.figure_to_png(fig)
+            # Closed at once: left open, the inline backend would draw it
+            # a second time under the cell.
+            plots._pyplot().close(fig)
+            line = _format_epoch(records[-1], self.epochs, events)
+            self._show({"image/png": base64.b64encode(self.png).decode(
+                "ascii"), "text/plain": line})
         self._reported = len(records)
+
+    def _show(self, bundle):
+        """Draw `bundle` through the display handle (made the first time)."""
+        if not _in_kernel():
+            return
+        from IPython.display import display
+
+        if self.handle is not None:
+            self.handle.update(bundle, raw=True)
+        elif self.mode == "widget":
+            with self.widget:
+                self.handle = display(bundle, raw=True, display_id=True)
+        elif self.autodisplay:
+            self.handle = display(bundle, raw=True, display_id=True)
 
     def _title(self, records):
         last = records[-1].get("epoch", len(records))
@@ -219,6 +200,9 @@ class LivePlot:
         self.lines = []
         self.png = None
         self.closed = False
+        if self.widget is not None and self.handle is not None:
+            self.widget.clear_output()
+        self.handle = None
 
     def __enter__(self):
         return self
@@ -229,7 +213,6 @@ class LivePlot:
 
     def _repr_mimebundle_(self, **kwargs):
         if self.widget is not None:
-            self._displayed = True
             return self.widget._repr_mimebundle_(**kwargs)
         return {"text/plain": repr(self)}
 
