@@ -1,0 +1,423 @@
+"""Fixtures for the browser tests: a private JupyterLab and a chromium.
+
+JupyterLab runs on 127.0.0.1 with a random port and a token, on a copy of
+the course notebooks, in SMOKE mode, with a kernel that is this Python and
+settings of its own (no news pop-up, every cell kept in the page). The
+browser is Debian's `chromium`, started by us and driven by Playwright
+over the DevTools protocol (Playwright's own browser download is never
+used). Both are started once per test process (each pytest-xdist worker
+gets its own port and folders) and always stopped by process group in a
+`finally` block.
+
+The tests are skipped, with the reason, when chromium, Playwright or
+JupyterLab is missing; in CI (the CI variable is set, as .ci/run does)
+that is a failure instead.
+"""
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SHOTS = ROOT / "_build" / "ui"
+START_TIMEOUT = 120  # seconds for JupyterLab or chromium to answer
+
+
+def _missing():
+    """Return why the browser tests cannot run here, or None."""
+    if shutil.which("chromium") is None:
+        return ("chromium is not installed (Debian/Ubuntu: "
+                "apt-get install chromium)")
+    for module, package in (("playwright.sync_api", "playwright"),
+                            ("jupyterlab", "jupyterlab")):
+        try:
+            __import__(module)
+        except ImportError:
+            return (f"{package} is not installed "
+                    f"(python -m pip install {package})")
+    return None
+
+
+def _skip_unless_available():
+    """Skip (in CI: fail) when a tool the browser tests need is missing."""
+    reason = _missing()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI needs the browser tests, but {reason}",
+                    pytrace=False)
+    pytest.skip(f"browser tests need it: {reason}")
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd, log, env=None, cwd=None):
+    """Start a command in its own process group, output to a log file."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                                start_new_session=True)
+
+
+def _stop(proc, grace=10):
+    """Stop a process and everything in its process group, by pid."""
+    if proc is None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)  # the group the process leads
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            # The leader is gone; make sure no child outlived it.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(log, n=3000):
+    try:
+        return Path(log).read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def _write_json(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+def _lab_environment(home):
+    """Environment of the server and its kernels: private, SMOKE mode."""
+    env = dict(os.environ)
+    for key in ("TLH_STRICT", "TLH_LIVE", "JPY_SESSION_NAME",
+                "JUPYTER_PATH", "JUPYTER_CONFIG_PATH"):
+        env.pop(key, None)
+    env.update(
+        TLH_SMOKE="1",
+        TLH_CACHE_DIR=str(home / "cache"),
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_DATA_DIR=str(home / "data"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
+        MPLCONFIGDIR=str(home / "matplotlib"),
+        PYTHONUNBUFFERED="1",
+    )
+    # The kernel the notebooks ask for ("python3") is this Python.
+    _write_json(home / "data" / "kernels" / "python3" / "kernel.json", {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                 "{connection_file}"],
+        "display_name": "Python 3 (ipykernel)", "language": "python",
+        "metadata": {"debugger": False}})
+    settings = home / "settings" / "@jupyterlab"
+    # No news or update pop-ups over the notebook.
+    _write_json(settings / "apputils-extension" /
+                "notification.jupyterlab-settings",
+                {"fetchNews": "false", "checkForUpdates": False})
+    # Every cell stays in the page, so the tests can see all outputs.
+    _write_json(settings / "notebook-extension" /
+                "tracker.jupyterlab-settings", {"windowingMode": "none"})
+    return env
+
+
+class Lab:
+    """A running JupyterLab: its URL, token and notebook folder."""
+
+    def __init__(self, url, token, folder, proc, log):
+        self.url, self.token, self.folder = url, token, folder
+        self.proc, self.log = proc, log
+
+    def api(self, path, method="GET"):
+        """Call the server's REST API; return the decoded JSON or None."""
+        req = urllib.request.Request(
+            f"{self.url}{path}", method=method,
+            headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = resp.read()
+        return json.loads(body) if body else None
+
+    def page_url(self, notebook):
+        """The address that opens a notebook in JupyterLab."""
+        # reset: start from an empty workspace, not the tabs the last
+        # test left open
+        return (f"{self.url}/lab/tree/{notebook}?reset&token="
+                f"{self.token}")
+
+    def shutdown_kernels(self):
+        """Shut down every kernel, so the next notebook starts fresh."""
+        for session in self.api("/api/sessions"):
+            self.api(f"/api/sessions/{session['id']}", method="DELETE")
+        for kernel in self.api("/api/kernels"):
+            self.api(f"/api/kernels/{kernel['id']}", method="DELETE")
+
+
+def _wait_for_lab(url, token, proc, log):
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"JupyterLab exited with {proc.returncode}:"
+                               f"\n{_tail(log)}")
+        try:
+            req = urllib.request.Request(
+                f"{url}/api/status",
+                headers={"Authorization": f"token {token}"})
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"JupyterLab did not answer within "
+                       f"{START_TIMEOUT} s:\n{_tail(log)}")
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    """Start JupyterLab on a copy of the notebooks; stop it afterwards."""
+    _skip_unless_available()
+    home = tmp_path_factory.mktemp("lab")
+    folder = home / "notebooks"
+    folder.mkdir()
+    for path in NOTEBOOKS:
+        shutil.copy2(path, folder / path.name)
+    env = _lab_environment(home)
+    token = secrets.token_hex(16)
+    proc = None
+    try:
+        for attempt in range(3):  # a port taken meanwhile: try another
+            port = _free_port()
+            log = home / f"jupyterlab-{attempt}.log"
+            proc = _start([
+                sys.executable, "-m", "jupyterlab", "--no-browser",
+                "--allow-root", "--ServerApp.open_browser=False",
+                "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+                "--ServerApp.port_retries=0",
+                f"--IdentityProvider.token={token}",
+                f"--ServerApp.root_dir={folder}",
+                "--LabApp.news_url=", "--LabApp.check_for_updates_class="
+                "jupyterlab.NeverCheckForUpdate",
+            ], log, env=env, cwd=folder)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                _wait_for_lab(url, token, proc, log)
+                break
+            except RuntimeError:
+                _stop(proc)
+                proc = None
+                if attempt == 2:
+                    raise
+        yield Lab(url, token, folder, proc, log)
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """Start Debian's chromium and connect Playwright to it."""
+    _skip_unless_available()
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path_factory.mktemp("chromium")
+    log = profile.parent / f"{profile.name}.log"
+    proc = _start([
+        shutil.which("chromium"), "--headless=new", "--no-sandbox",
+        "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+        "--no-default-browser-check", "--disable-extensions",
+        "--disable-background-networking", "--mute-audio",
+        f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
+        "--remote-debugging-port=0", "about:blank",
+    ], log)
+    try:
+        active = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (active.exists() and active.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"chromium did not start:\n{_tail(log)}")
+            time.sleep(0.2)
+        port = int(active.read_text().split()[0])
+        with sync_playwright() as pw:
+            chrome = pw.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
+            try:
+                yield chrome
+            finally:
+                chrome.close()
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def _tab(browser, lab):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        yield NotebookPage(page, lab)
+    finally:
+        context.close()
+        try:
+            lab.shutdown_kernels()
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def new_tab(browser, lab):
+    """Open a tab: `with new_tab() as notebook:` gives a NotebookPage; the
+    tab closes and the kernels shut down when the block ends."""
+    return lambda: _tab(browser, lab)
+
+
+@pytest.fixture
+def notebook(new_tab):
+    """A NotebookPage on a fresh tab."""
+    with new_tab() as nb:
+        yield nb
+
+
+@pytest.fixture(scope="session")
+def shots():
+    """The folder for screenshots, a CI artifact."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    return SHOTS
+
+
+# ---------------------------------------------------------------- the page
+
+
+class NotebookPage:
+    """Drive one notebook in JupyterLab the way a learner does."""
+
+    RUN_TIMEOUT = 900  # seconds for a whole notebook, slow machines too
+
+    def __init__(self, page, lab):
+        self.page, self.lab = page, lab
+
+    def open(self, name):
+        """Open a notebook and wait until its kernel is idle."""
+        self.page.goto(self.lab.page_url(name))
+        self.page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
+        panels = self.page.locator(".jp-NotebookPanel")
+        assert panels.count() == 1, f"{panels.count()} notebooks open"
+        self.wait_idle(timeout=180)
+
+    def kernel_status(self):
+        """The status bar's kernel item, e.g. 'Python 3 (ipykernel) |
+        Idle'."""
+        texts = self.page.locator(".jp-StatusBar-TextItem").all_inner_texts()
+        return " ".join(t for t in texts if "|" in t)
+
+    def prompts(self):
+        """The execution prompts of the code cells: '[3]:', '[*]:', '[ ]:'."""
+        return [p.strip() for p in self.page.locator(
+            ".jp-Notebook .jp-CodeCell .jp-InputArea-prompt")
+            .all_inner_texts()]
+
+    def busy(self):
+        """Whether a cell runs or waits to run, or the kernel is busy."""
+        return ("| Idle" not in self.kernel_status()
+                or any("*" in p for p in self.prompts()))
+
+    def wait_idle(self, timeout=None, settle=1.0):
+        """Wait until nothing runs (and stays so for `settle` seconds)."""
+        deadline = time.monotonic() + (timeout or self.RUN_TIMEOUT)
+        quiet_since = None
+        while time.monotonic() < deadline:
+            if self.busy():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= settle:
+                return
+            time.sleep(0.25)
+        raise AssertionError(
+            f"still busy after {timeout or self.RUN_TIMEOUT} s: kernel "
+            f"{self.kernel_status()!r}, prompts {self.prompts()}")
+
+    def menu(self, menu, command):
+        """Click a top menu, then the item that runs `command`."""
+        self.page.locator(".lm-MenuBar-itemLabel", has_text=menu) \
+            .first.click()
+        item = self.page.locator(
+            f'.lm-Menu-item[data-command="{command}"]')
+        item.wait_for(state="visible")
+        item.click()
+
+    def run_all(self):
+        """Run > Run All Cells, then wait for the kernel to finish."""
+        self.menu("Run", "runmenu:run-all")
+        # The first cell starts at once; give the queue a moment to show.
+        self.page.wait_for_timeout(1000)
+        self.wait_idle()
+
+    def save(self):
+        """File > Save Notebook; wait until the tab is no longer dirty."""
+        self.menu("File", "docmanager:save")
+        self.page.wait_for_function(
+            "() => !document.querySelector("
+            "'.jp-NotebookPanel:not(.lm-mod-hidden) .jp-mod-dirty, "
+            ".lm-TabBar-tab.lm-mod-current.jp-mod-dirty')")
+        self.page.wait_for_timeout(500)
+
+    def error_texts(self):
+        """Texts of error outputs: tracebacks and widgets that failed."""
+        errors = self.page.locator(
+            '.jp-OutputArea-output[data-mime-type='
+            '"application/vnd.jupyter.stderr"]').all_inner_texts()
+        errors = [t for t in errors if "Traceback" in t
+                  or re.search(r"^\w*(Error|Exception)\b", t, re.M)]
+        broken = self.page.locator(".jp-OutputArea-output").filter(
+            has_text="Error displaying widget").all_inner_texts()
+        return errors + broken
+
+    def screenshot(self, path):
+        """Save the whole notebook, top to bottom, as one PNG."""
+        page = self.page
+        height = page.evaluate(
+            "() => Math.max(...[...document.querySelectorAll("
+            "'.jp-NotebookPanel .jp-WindowedPanel-outer, "
+            ".jp-NotebookPanel .jp-Notebook')].map(e => e.scrollHeight))")
+        size = page.viewport_size
+        try:
+            page.set_viewport_size({"width": size["width"],
+                                    "height": int(min(max(height + 200,
+                                                          size["height"]),
+                                                      16000))})
+            page.wait_for_timeout(500)
+            page.evaluate(
+                "() => document.querySelectorAll('.jp-NotebookPanel "
+                ".jp-WindowedPanel-outer').forEach(e => { e.scrollTop = 0 })")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(path))
+        finally:
+            page.set_viewport_size(size)
+
+    def code_cell(self, index):
+        """The index-th code cell (from 0) as a Playwright locator."""
+        return self.page.locator(".jp-Notebook .jp-CodeCell").nth(index)
+
