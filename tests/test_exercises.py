@@ -14,7 +14,8 @@ from tlhelpers.exercises import EXERCISES, Result
 
 COURSE_NOTEBOOKS = ("01_pretrained_models", "02_feature_extraction",
                     "03_fine_tuning", "04_progressive_unfreezing",
-                    "05_choosing_a_strategy", "06_capstone")
+                    "05_choosing_a_strategy", "06_capstone",
+                    "07_transfer_learning_for_text")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_every_course_exercise_is_registered_in_course_order():
     assert list(EXERCISES) == [
         "load_with_preprocessing", "linear_probe", "freeze_backbone",
         "discriminative_lrs", "unfreezing_schedule", "pick_strategy",
-        "capstone"]
+        "capstone", "text_classifier"]
     assert {e.notebook for e in EXERCISES.values()} == set(COURSE_NOTEBOOKS)
     for name, exercise in EXERCISES.items():
         assert getattr(exercises, name) is exercise
@@ -266,6 +267,37 @@ def test_freeze_with_trainable_backbone_groups_names_them(untrained):
     assert_incorrect(result, "nothing is frozen")
 
 
+def test_freeze_by_requires_grad_alone_fails_on_batchnorm_drift(untrained):
+    """Frozen weights with statistics that follow the batches: incorrect,
+    with the drift named and notebook 03's measurement pointed to."""
+    drifting = copy.deepcopy(untrained)
+    for p in drifting.model.parameters():
+        p.requires_grad = False
+    for p in models.get_head(drifting).parameters():
+        p.requires_grad = True
+    result = exercises.freeze_backbone.check(drifting)
+    assert_incorrect(result, "BatchNorm statistics of stem", "Notebook 03",
+                     "set_bn_stats")
+    models.set_bn_stats(drifting, "frozen")
+    assert exercises.freeze_backbone.check(drifting).passed
+    models.freeze(drifting, bn_stats="train")
+    assert_incorrect(exercises.freeze_backbone.check(drifting),
+                     "would still update in training")
+
+
+def test_freeze_drift_fixture_is_graded_incorrect_outside_the_kernel():
+    """The saved evidence of a requires_grad-only answer grades as
+    incorrect without a model in the grading process."""
+    from pathlib import Path
+
+    path = (Path(__file__).parent / "fixtures" / "freeze_backbone"
+            / "requires_grad_only.json")
+    evidence = json.loads(path.read_text())
+    assert evidence["bn_drift"], "the fixture records the drifting layers"
+    result = exercises.freeze_backbone.grade(evidence)
+    assert_incorrect(result, "would still update in training")
+
+
 def test_freeze_with_training_batchnorm_says_so(untrained):
     bn = copy.deepcopy(untrained)
     models.freeze(bn, train_bn=True)
@@ -435,16 +467,39 @@ def test_heldout_images_are_drawn_from_the_task_without_labels(smoke):
     assert not torch.equal(images, other)
 
 
-def test_linear_probe_judges_its_own_predictions_not_the_reported_number(
+def _probe_evidence(weight, labels):
+    features = torch.nn.functional.one_hot(labels, 5).float()
+    return exercises.linear_probe._evidence(
+        features=features, weight=weight, bias=torch.zeros(5),
+        classes=torch.arange(5))
+
+
+def test_linear_probe_applies_the_probe_itself_not_a_reported_number(
         smoke):
+    """The judge applies the recorded probe to the recorded features."""
     labels = torch.arange(50) % 5
-    good = exercises.linear_probe._evidence(predictions=labels.clone())
-    assert exercises.linear_probe.grade(good, labels).passed
-    bad = exercises.linear_probe._evidence(
-        predictions=torch.zeros(50, dtype=torch.int64))
-    result = exercises.linear_probe.grade(_roundtrip(bad), labels)
+    good = _probe_evidence(torch.eye(5), labels)
+    assert exercises.linear_probe.grade(good, (None, labels)).passed
+    bad = _probe_evidence(torch.zeros(5, 5), labels)
+    result = exercises.linear_probe.grade(_roundtrip(bad), (None, labels))
     assert_incorrect(result, "classifies 20% of 50 held-out images",
                      "target 70%")
+
+
+def test_a_probe_that_is_not_linear_is_refused():
+    class Bent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.linear(x) ** 2
+
+    with pytest.raises(exercises._Incorrect, match="not a linear"):
+        exercises._linear_map(Bent(), torch.randn(10, 4))
+    weight, bias, classes = exercises._linear_map(
+        torch.nn.Linear(4, 3), torch.randn(10, 4))
+    assert weight.shape == (3, 4) and classes.tolist() == [0, 1, 2]
 
 
 def test_linear_probe_needs_a_probe(untrained):
@@ -480,12 +535,19 @@ def imagenet_lite0():
     return models.load_pretrained(num_classes=5, image_size=64)
 
 
-def _capstone_evidence(model, predictions):
+def _capstone_graded(model, relabel=lambda preds: preds):
+    """Grade a model on held-out images labelled relabel(its predictions).
+
+    The judge rebuilds the model from the recorded weights; labels equal
+    to the model's own predictions make a 100% model without training.
+    """
     images, _ = exercises.capstone.heldout(exercises.CHECK_SEED)
-    evidence = exercises.capstone.collect(
-        {"final_model": model}, exercises._to_pil(images))
-    evidence["predictions"] = predictions
-    return _roundtrip(evidence)
+    images = exercises._to_pil(images)
+    evidence = _roundtrip(exercises.capstone.collect(
+        {"final_model": model}, images))
+    preds = exercises._forward_images(images, model.transform,
+                                      model.model).argmax(1)
+    return exercises.capstone.grade(evidence, (images, relabel(preds)))
 
 
 def test_capstone_passes_a_fine_tuned_pretrained_model_that_classifies(
@@ -494,9 +556,7 @@ def test_capstone_passes_a_fine_tuned_pretrained_model_that_classifies(
     with torch.no_grad():  # as if stage7 had been fine-tuned
         for p in model.model.blocks[-1].parameters():
             p.add_(0.001)
-    labels = torch.arange(50) % 5
-    result = exercises.capstone.grade(
-        _capstone_evidence(model, labels.clone()), labels)
+    result = _capstone_graded(model)
     assert result.passed, result
     assert result.points == 2.0
     assert "100% of 50 held-out images" in result.message
@@ -504,15 +564,12 @@ def test_capstone_passes_a_fine_tuned_pretrained_model_that_classifies(
 
 def test_capstone_rejects_feature_extraction_and_random_starts(
         smoke, imagenet_lite0):
-    labels = torch.arange(50) % 5
-    frozen = _capstone_evidence(copy.deepcopy(imagenet_lite0), labels)
-    assert_incorrect(exercises.capstone.grade(frozen, labels),
+    assert_incorrect(_capstone_graded(copy.deepcopy(imagenet_lite0)),
                      "still has exactly its ImageNet weights")
     scratch = models.load_pretrained(num_classes=5, weights=None,
                                      image_size=64)
-    result = exercises.capstone.grade(
-        _capstone_evidence(scratch, labels), labels)
-    assert_incorrect(result, "did not start from the ImageNet weights")
+    assert_incorrect(_capstone_graded(scratch),
+                     "did not start from the ImageNet weights")
 
 
 def test_capstone_measures_accuracy_on_the_heldout_images(
@@ -520,10 +577,25 @@ def test_capstone_measures_accuracy_on_the_heldout_images(
     model = copy.deepcopy(imagenet_lite0)
     with torch.no_grad():
         model.model.conv_head.weight.mul_(1.01)
-    labels = torch.arange(50) % 5
-    evidence = _capstone_evidence(model, torch.zeros(50, dtype=torch.int64))
-    assert_incorrect(exercises.capstone.grade(evidence, labels),
-                     "classifies 20% of 50", "target 70%")
+    result = _capstone_graded(model, lambda preds: (preds + 1) % 5)
+    assert_incorrect(result, "classifies 0% of 50", "target 70%")
+
+
+def test_capstone_is_measured_from_its_weights_not_its_forward(
+        smoke, imagenet_lite0):
+    """A forward patched on the learner's object does not reach the judge."""
+    model = copy.deepcopy(imagenet_lite0)
+    with torch.no_grad():
+        model.model.conv_head.weight.mul_(1.01)
+    images, _ = exercises.capstone.heldout(exercises.CHECK_SEED)
+    images = exercises._to_pil(images)
+    honest = exercises._forward_images(images, model.transform,
+                                       model.model).argmax(1)
+    model.model.forward = lambda x: torch.zeros(len(x), 5)
+    evidence = _roundtrip(exercises.capstone.collect(
+        {"final_model": model}, images))
+    result = exercises.capstone.grade(evidence, (images, honest))
+    assert result.passed and "100% of 50" in result.message
 
 
 def test_capstone_needs_a_new_head_and_an_answer(smoke):
@@ -559,24 +631,72 @@ def test_evidence_survives_a_safe_save_and_load(untrained):
         assert exercise.grade(_roundtrip(evidence)).passed, exercise.name
 
 
-def test_record_answers_saves_evidence_per_exercise(tmp_path, untrained):
-    namespace = _solve(exercises.freeze_backbone, pretrained=untrained)
-    namespace["strategies"] = ...
-    exercises.record_answers(["freeze_backbone", "pick_strategy"],
-                             namespace, tmp_path, suffix=".final")
-    saved = torch.load(tmp_path / "freeze_backbone.final.pt",
-                       weights_only=True)
-    assert exercises.freeze_backbone.grade(saved).passed
-    placeholder = torch.load(tmp_path / "pick_strategy.final.pt",
-                             weights_only=True)
-    assert placeholder["attempted"] is False
+# ------------------------------------------------ text_classifier
 
 
-def test_record_answers_without_heldout_images_records_an_error(tmp_path):
-    exercises.record_answers(["capstone"], {"final_model": object()},
-                             tmp_path, heldout=tmp_path / "missing")
-    saved = torch.load(tmp_path / "capstone.pt", weights_only=True)
-    assert "held-out images are missing" in saved["error"]
+@pytest.fixture(scope="module")
+def text_task_model():
+    """minilm_l6 with a 4-class head whose weights are the shipped ones."""
+    return models.load_pretrained("minilm_l6", num_classes=4)
+
+
+def _text_judge(model, seed=exercises.CHECK_SEED):
+    """Collect, save and load like the grader, then judge (no kernel)."""
+    exercise = exercises.text_classifier
+    evidence = _roundtrip(exercise.collect({"topic_model": model}))
+    return exercise.grade(evidence, exercise.heldout(seed))
+
+
+def test_text_heldout_sentences_use_only_words_unseen_in_training(smoke):
+    from tlhelpers import data
+
+    sentences, labels = exercises.text_classifier.heldout(
+        exercises.GRADING_SEED)
+    assert all(isinstance(s, str) for s in sentences)
+    assert len(sentences) == len(labels) == 40
+    again, _ = exercises.text_classifier.heldout(exercises.GRADING_SEED)
+    other, _ = exercises.text_classifier.heldout(exercises.CHECK_SEED)
+    assert sentences == again and sentences != other
+    train = data.synthetic_text("train",
+                                **exercises.text_classifier.task())
+    seen = {w for ws in train.key_words.values() for w in ws}
+    assert not any(w in s.lower().split() for s in sentences for w in seen)
+    # Sentences pass through the grader's image conversion unchanged.
+    assert exercises._to_pil(_roundtrip(sentences)) == sentences
+
+
+@pytest.mark.slow
+def test_text_classifier_solution_passes_from_saved_evidence(smoke):
+    namespace = _solve(exercises.text_classifier)
+    evidence = exercises.text_classifier.collect(namespace)
+    # A frozen encoder: only the new head travels to the grader.
+    assert sorted(evidence["changed"]) == ["head.bias", "head.weight"]
+    result = exercises.text_classifier.grade(
+        _roundtrip(evidence),
+        exercises.text_classifier.heldout(exercises.GRADING_SEED))
+    assert result.passed, result
+
+
+def test_text_classifier_with_an_untrained_head_fails_on_accuracy(
+        smoke, text_task_model):
+    result = _text_judge(text_task_model)
+    assert_incorrect(result, "held-out sentences", "target 70%")
+
+
+def test_text_classifier_refuses_an_image_model_with_the_fix(untrained):
+    result = _text_judge(untrained)
+    assert_incorrect(result, "image model", "load_pretrained('minilm_l6'")
+
+
+def test_text_classifier_needs_a_head_for_the_task(smoke):
+    wrong = models.load_pretrained("minilm_l6", num_classes=3,
+                                   weights=None)
+    assert_incorrect(_text_judge(wrong), "3 classes", "task has 4")
+
+
+def test_text_classifier_placeholder_is_not_attempted():
+    result = exercises.text_classifier.check(...)
+    assert result.status == "not attempted"
 
 
 # ---------------------------------------------------- notebook cells

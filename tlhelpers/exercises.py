@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from tlhelpers import config, files
+from tlhelpers import config, files, strategies
 
 STATUSES = ("correct", "incorrect", "not attempted")
 EXERCISE_TAG = "exercise:"
@@ -147,7 +147,8 @@ class Exercise:
                 images, labels = self.heldout(CHECK_SEED)
                 images = _to_pil(images)
             evidence = self.collect(values, images)
-            result = self.grade(evidence, labels)
+            result = self.grade(
+                evidence, None if labels is None else (images, labels))
         except _Usage as err:
             result = self._result("incorrect", str(err))
         except Exception as err:  # a check must never break the notebook
@@ -248,7 +249,9 @@ class Exercise:
         """Judge evidence from collect(); return a Result (never raises).
 
         Args:
-            labels: the true classes of the held-out images, if any.
+            labels: for exercises graded on held-out images, the pair
+                (PIL images, their true classes); the answer is measured
+                on them here, from the weights or features in evidence.
         """
         try:
             if not evidence.get("attempted"):
@@ -310,8 +313,16 @@ class Exercise:
 
 
 def _to_pil(images):
-    """Turn a uint8 [N, H, W, 3] tensor into a list of PIL images."""
+    """Turn a uint8 [N, H, W, 3] tensor into a list of PIL images.
+
+    Held-out sentences (a list of str) are already what a model reads:
+    they pass through unchanged.
+    """
     from PIL import Image
+
+    if isinstance(images, (list, tuple)) and all(isinstance(s, str)
+                                                 for s in images):
+        return list(images)
 
     return [Image.fromarray(a.numpy()) for a in images]
 
@@ -392,8 +403,7 @@ def _forward_images(pil_images, transform, net, batch_size=32):
     return torch.cat(outputs).float().cpu()
 
 
-def _accuracy_message(evidence, labels, target, what):
-    preds = evidence["predictions"]
+def _accuracy_message(preds, labels, target, what):
     if labels is None or len(preds) != len(labels):
         raise _Incorrect("the held-out predictions are incomplete")
     acc = (preds == labels).float().mean().item()
@@ -594,6 +604,30 @@ def _implied_normalisation(out_a, out_b):
     return colour_a - std * y_a, std
 
 
+def _batchnorm_drift(net):
+    """Names of the BatchNorm layers whose statistics a training step of
+    a copy of `net` changes (measured on a small random batch)."""
+    import torch
+    from torch import nn
+
+    probe = copy.deepcopy(net).train()
+    layers = [(n, m) for n, m in probe.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats]
+    before = {n: (m.running_mean.clone(), m.num_batches_tracked.clone())
+              for n, m in layers}
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            probe(torch.randn(2, 3, 32, 32, generator=gen) * 2 + 0.5)
+    except Exception:  # not an image network: read the layers' modes
+        return [n for n, m in layers
+                if not getattr(m, "tlh_frozen_stats", False)]
+    return [n for n, m in layers
+            if not (torch.equal(before[n][0], m.running_mean)
+                    and torch.equal(before[n][1], m.num_batches_tracked))]
+
+
 class FreezeBackbone(Exercise):
     """Freeze every layer group except the new head."""
 
@@ -603,8 +637,10 @@ class FreezeBackbone(Exercise):
     statement = (
         "Make `frozen_model`, a copy of `pretrained` (which already has a "
         "new head for our classes) in which every parameter is frozen "
-        "except those of the new head. Set `requires_grad` yourself (or "
-        "call `freeze()`, which also keeps BatchNorm statistics fixed).")
+        "except those of the new head, and whose frozen BatchNorm layers "
+        "keep their running statistics in training. Set `requires_grad` "
+        "yourself and fix the statistics with `set_bn_stats` (or call "
+        "`freeze()`, which does both).")
     answers = ("frozen_model",)
     args = ("frozen_model",)
     needs = ("pretrained",)
@@ -615,26 +651,31 @@ class FreezeBackbone(Exercise):
         "Start from frozen_model = copy.deepcopy(pretrained). Set "
         "requires_grad = False on every parameter of frozen_model.model, "
         "then requires_grad = True on the parameters of "
-        "get_head(frozen_model) (from tlhelpers.models).")
+        "get_head(frozen_model) (from tlhelpers.models). requires_grad "
+        "does not stop BatchNorm's running statistics: "
+        "set_bn_stats(frozen_model, 'frozen') keeps them.")
     solution_code = textwrap.dedent("""\
         import copy
 
-        from tlhelpers.models import get_head
+        from tlhelpers.models import get_head, set_bn_stats
 
         frozen_model = copy.deepcopy(pretrained)
         for param in frozen_model.model.parameters():
             param.requires_grad = False      # freeze the whole network...
         for param in get_head(frozen_model).parameters():
             param.requires_grad = True       # ...then free the new head
-        # freeze(frozen_model) does the same, and keeps the frozen
-        # BatchNorm layers' statistics fixed too.
+        # requires_grad stops gradients, not BatchNorm's running
+        # statistics: keep those fixed too (notebook 03, step 2).
+        set_bn_stats(frozen_model, "frozen")
+        # freeze(frozen_model) does all of this in one call.
         """)
 
     def _collect(self, frozen_model):
         name, net = _pretrained_parts(frozen_model, "frozen_model")
         return {"model": name, "params": [
             [pname, bool(p.requires_grad), list(p.shape)]
-            for pname, p in net.named_parameters()]}
+            for pname, p in net.named_parameters()],
+            "bn_drift": _batchnorm_drift(net)}
 
     def _judge(self, evidence, labels):
         owner, groups = _group_of_param(evidence["model"])
@@ -686,10 +727,24 @@ class FreezeBackbone(Exercise):
                 f"the backbone still trains in {_listing(where)} "
                 f"({count:,} parameters): freeze every group except the "
                 "head")
+        drifting = sorted({owner[f"{bn}.weight"]
+                           for bn in evidence.get("bn_drift", [])
+                           if owner.get(f"{bn}.weight") not in (None, head)},
+                          key=groups.index)
+        if drifting:
+            raise _Incorrect(
+                f"the BatchNorm statistics of {_listing(drifting)} would "
+                "still update in training: requires_grad = False stops "
+                "gradients, not the running mean and variance, which "
+                "follow every training batch. Notebook 03 (step 2) "
+                "measured this drift costing more than 10 points of test "
+                "accuracy. Keep them fixed with set_bn_stats(frozen_model, "
+                "'frozen'), or use freeze(frozen_model), which does both")
         total = sum(math.prod(shape) for _, _, shape in params)
         head_count = sum(math.prod(shape) for _, _, shape in head_params)
         return (f"only the head trains: {head_count:,} of {total:,} "
-                f"parameters ({head_count / total:.2%})")
+                f"parameters ({head_count / total:.2%}), and the BatchNorm "
+                "statistics stay fixed")
 
 
 class LinearProbe(Exercise):
@@ -742,21 +797,55 @@ class LinearProbe(Exercise):
                 f"{type(probe).__name__}")
         net = models.feature_extractor(pretrained)
         feats = _forward_images(images, pretrained.transform, net)
-        if isinstance(classifier, nn.Module):
-            with torch.no_grad():
-                scores = classifier(feats.to(next(
-                    classifier.parameters()).device)).cpu()
-            preds = scores.argmax(1)
-        elif hasattr(classifier, "predict"):
-            preds = torch.as_tensor(classifier.predict(feats.numpy()))
-        else:
-            raise _Incorrect("the probe's classifier cannot predict: "
-                             "build `probe` with linear_probe(...)")
-        return {"predictions": preds.to(torch.int64).flatten()}
+        weight, bias, classes = _linear_map(classifier, feats)
+        return {"features": feats, "weight": weight, "bias": bias,
+                "classes": classes}
 
-    def _judge(self, evidence, labels):
-        return _accuracy_message(evidence, labels, self._target(),
+    def _judge(self, evidence, heldout):
+        # The probe is applied here, never trusted from the kernel.
+        scores = (evidence["features"].double()
+                  @ evidence["weight"].double().T
+                  + evidence["bias"].double())
+        preds = evidence["classes"][scores.argmax(1)]
+        return _accuracy_message(preds, None if heldout is None
+                                 else heldout[1], self._target(),
                                  "the probe classifies")
+
+
+def _linear_map(classifier, feats):
+    """Read a linear probe as (weight [C, D], bias [C], classes [C]).
+
+    The probe is run on the zero vector and the unit vectors, then the map
+    is checked on real features: a probe that is not linear is refused.
+    """
+    import torch
+    from torch import nn
+
+    dim = feats.shape[1]
+    basis = torch.cat([torch.zeros(1, dim), torch.eye(dim), feats[:8]])
+    if isinstance(classifier, nn.Module):
+        device = next(classifier.parameters()).device
+        with torch.no_grad():
+            out = classifier(basis.to(device)).double().cpu()
+        classes = torch.arange(out.shape[1])
+    elif hasattr(classifier, "decision_function"):
+        out = torch.as_tensor(classifier.decision_function(
+            basis.double().numpy()), dtype=torch.float64)
+        if out.ndim == 1:  # two classes: one score for the second
+            out = torch.stack([torch.zeros_like(out), out], 1)
+        classes = torch.as_tensor(getattr(
+            classifier, "classes_", range(out.shape[1])))
+    else:
+        raise _Incorrect("the probe's classifier cannot predict: "
+                         "build `probe` with linear_probe(...)")
+    bias = out[0]
+    weight = (out[1:dim + 1] - bias).T
+    check = feats[:8].double() @ weight.T + bias
+    if not torch.allclose(check, out[dim + 1:], rtol=1e-4,
+                          atol=1e-4 * (1 + out.abs().max().item())):
+        raise _Incorrect("the probe is not a linear classifier: build "
+                         "`probe` with linear_probe(...)")
+    return weight.float(), bias.float(), classes.to(torch.int64)
 
 
 class DiscriminativeLRs(Exercise):
@@ -986,16 +1075,16 @@ class UnfreezingSchedule(Exercise):
                 f"{_rate(head_lr)} down to {_rate(plan[-1][2])}")
 
 
-STRATEGY_CHOICES = ("feature_extraction", "head_only", "last_k",
-                    "gradual_unfreezing", "full_fine_tuning",
-                    "from_scratch")
+# The course's one vocabulary of strategies (tlhelpers.strategies).
+STRATEGY_CHOICES = strategies.NAMES
 _ALIASES = MappingProxyType({
     "linear_probe": "feature_extraction",
     "features": "feature_extraction",
-    "fine_tuning": "full_fine_tuning",
-    "fine_tune": "full_fine_tuning",
-    "finetuning": "full_fine_tuning",
-    "full_fine_tune": "full_fine_tuning",
+    "fine_tune": "fine_tuning",
+    "finetuning": "fine_tuning",
+    # the name before naive and careful fine-tuning were told apart
+    "full_fine_tuning": "fine_tuning",
+    "full_fine_tune": "fine_tuning",
     "scratch": "from_scratch",
     "train_from_scratch": "from_scratch",
     "gradual": "gradual_unfreezing",
@@ -1011,7 +1100,7 @@ SCENARIOS = MappingProxyType({
         "photo-like classes: extract features (or train the head only)"),
     "many_near": (
         "5,000 labelled photos per class, close to ImageNet, and a GPU",
-        ("full_fine_tuning", "gradual_unfreezing", "last_k"),
+        ("fine_tuning", "gradual_unfreezing", "last_k"),
         "with thousands of labels per class there is enough data to adapt "
         "the pretrained features: fine-tune (with lower rates for the "
         "backbone); training from scratch throws away what the weights "
@@ -1019,7 +1108,7 @@ SCENARIOS = MappingProxyType({
     "many_far": (
         "5,000 labelled grayscale scans per class (e.g. X-rays or "
         "handwriting), far from ImageNet's photos",
-        ("full_fine_tuning", "gradual_unfreezing", "from_scratch"),
+        ("fine_tuning", "gradual_unfreezing", "from_scratch"),
         "far from ImageNet, frozen photo features miss what matters; with "
         "this many labels, fine-tune the whole network (training from "
         "scratch also becomes an option)"),
@@ -1046,15 +1135,17 @@ class PickStrategy(Exercise):
     statement = (
         "For each scenario in `exercises.pick_strategy.scenarios()`, "
         "choose the strategy you would start with, one of "
-        "`feature_extraction`, `head_only`, `last_k`, "
-        "`gradual_unfreezing`, `full_fine_tuning` or `from_scratch`, and "
-        "write it into the dictionary `strategies`.")
+        + ", ".join(f"`{n}`" for n in STRATEGY_CHOICES[:-1])
+        + f" or `{STRATEGY_CHOICES[-1]}`, and write it into the "
+        "dictionary `strategies` (strategies.describe() says what each "
+        "does).")
     answers = ("strategies",)
     args = ("strategies",)
     needs = ()
     placeholder = textwrap.dedent("""\
-        # One of: "feature_extraction", "head_only", "last_k",
-        # "gradual_unfreezing", "full_fine_tuning", "from_scratch".
+        # One of: "from_scratch", "feature_extraction", "head_only",
+        # "last_k", "naive_fine_tuning", "fine_tuning",
+        # "gradual_unfreezing".
         strategies = {
             "few_near": ...,      # 10 photos per class, close to ImageNet
             "many_near": ...,     # 5,000 photos per class, close, a GPU
@@ -1070,8 +1161,8 @@ class PickStrategy(Exercise):
     solution_code = textwrap.dedent("""\
         strategies = {
             "few_near": "feature_extraction",    # too few labels to adapt
-            "many_near": "full_fine_tuning",     # enough data to adapt
-            "many_far": "full_fine_tuning",      # photo features fit less
+            "many_near": "fine_tuning",          # enough data to adapt
+            "many_far": "fine_tuning",           # photo features fit less
             "tight_budget": "feature_extraction",  # features cached once
         }
         """)
@@ -1119,6 +1210,15 @@ class PickStrategy(Exercise):
             raise _Incorrect(
                 f"{_listing(repr(v) for v in invalid)} is not a strategy: "
                 f"choose from {', '.join(STRATEGY_CHOICES)}")
+        naive = [k for k in SCENARIOS
+                 if _normalise_strategy(answers[k]) == "naive_fine_tuning"]
+        if naive:
+            raise _Incorrect(
+                f"naive_fine_tuning for {_listing(naive)} is the pitfall: "
+                "every layer from the first step at one rate, with a "
+                "random head and drifting BatchNorm statistics. Start "
+                "from the careful recipe, fine_tuning, or a frozen "
+                "backbone")
         wrong = [k for k, (_, ok, _) in SCENARIOS.items()
                  if _normalise_strategy(answers[k]) not in ok]
         if wrong:
@@ -1199,20 +1299,36 @@ class Capstone(Exercise):
     min_similarity = 0.5
 
     def _collect(self, final_model, images):
-        import torch
+        # The weights and the head's shape: the model is rebuilt and
+        # measured where the check runs, never in the learner's kernel.
+        from tlhelpers import models
 
         name, net = _pretrained_parts(final_model, "final_model")
-        scores = _forward_images(images, final_model.transform, net)
-        fingerprint = {}
-        for pname, p in net.named_parameters():
-            flat = p.detach().float().cpu().flatten()
-            step = max(1, flat.numel() // FINGERPRINT_VALUES)
-            fingerprint[pname] = flat[::step][:FINGERPRINT_VALUES].clone()
-        return {"model": name, "outputs": int(scores.shape[1]),
-                "predictions": scores.argmax(1).to(torch.int64),
-                "fingerprint": fingerprint}
+        meta = getattr(final_model, "meta", None) or {}
+        size = meta.get("input_size", (3, 224, 224))[-1]
+        return {"model": name,
+                "outputs": int(models.get_head(net).out_features),
+                "image_size": int(size),
+                "state": {k: v.detach().cpu().clone()
+                          for k, v in net.state_dict().items()}}
 
-    def _judge(self, evidence, labels):
+    def _rebuild(self, evidence, classes):
+        """Return the learner's model, rebuilt from its weights."""
+        from tlhelpers import models
+
+        model = models.load_pretrained(
+            evidence["model"], num_classes=classes, weights=None,
+            image_size=evidence["image_size"])
+        try:
+            model.model.load_state_dict(evidence["state"], strict=True)
+        except (RuntimeError, KeyError, TypeError) as err:
+            raise _Incorrect(
+                f"final_model's weights do not fit a {evidence['model']} "
+                f"with a {classes}-class head: keep the architecture "
+                f"load_pretrained gives ({str(err).splitlines()[0]})")
+        return model
+
+    def _judge(self, evidence, heldout):
         import torch
 
         from tlhelpers import models
@@ -1237,10 +1353,13 @@ class Capstone(Exercise):
             for pname, p in reference.model.named_parameters():
                 if owner.get(pname) in (None, groups[-1]):
                     continue
-                theirs = evidence["fingerprint"].get(pname)
+                theirs = evidence["state"].get(pname)
                 flat = p.detach().float().flatten()
-                ours = flat[::max(1, flat.numel() // FINGERPRINT_VALUES)][
-                    :FINGERPRINT_VALUES]
+                step = max(1, flat.numel() // FINGERPRINT_VALUES)
+                ours = flat[::step][:FINGERPRINT_VALUES]
+                if theirs is not None:
+                    theirs = theirs.detach().float().flatten()[::step][
+                        :FINGERPRINT_VALUES]
                 if theirs is None or theirs.shape != ours.shape:
                     raise _Incorrect(
                         f"final_model's {pname} has another shape than "
@@ -1261,8 +1380,151 @@ class Capstone(Exercise):
                     "the backbone still has exactly its ImageNet weights: "
                     "that is feature extraction. Unfreeze (part of) the "
                     "backbone and fine-tune it with a low learning rate")
-        return _accuracy_message(evidence, labels, self._target(),
+        if heldout is None:
+            raise _Incorrect("the held-out predictions are incomplete")
+        model = self._rebuild(evidence, classes)
+        preds = _forward_images(heldout[0], model.transform,
+                                model.model).argmax(1)
+        return _accuracy_message(preds, heldout[1], self._target(),
                                  "final_model classifies") + note
+
+
+class TextClassifier(Exercise):
+    """Classify unseen sentences with a pretrained text encoder."""
+
+    name = "text_classifier"
+    notebook = "07_transfer_learning_for_text"
+    title = "A topic classifier from a pretrained text encoder"
+    statement = (
+        "Build `topic_model`: the pretrained text model `minilm_l6` with a "
+        "new head for the topics of `exercises.text_classifier.task()`, "
+        "trained on sentences of the train split (`synthetic_text(\"train\""
+        ", ...)`). The check draws its own sentences from the test split, "
+        "whose key words your model never saw, and measures `topic_model` "
+        "on them with minilm_l6's own tokenizer; it must reach the target "
+        "accuracy.")
+    answers = ("topic_model",)
+    args = ("topic_model",)
+    needs = ()
+    placeholder = (
+        "# A pretrained text encoder with a new head, trained on sentences.\n"
+        "topic_model = ...  # YOUR CODE\n")
+    hint_text = (
+        "topic_model = load_pretrained('minilm_l6', num_classes=...); "
+        "freeze(topic_model) keeps the encoder pretrained; give the train "
+        "sentences the model's tokenizer with with_transform(train, "
+        "topic_model.transform), then fit the head for a few epochs with "
+        "make_optimizer(topic_model, lr=1e-2).")
+    solution_code = textwrap.dedent("""\
+        from tlhelpers import exercises
+        from tlhelpers.config import by_mode
+        from tlhelpers.data import make_loaders, synthetic_text, with_transform
+        from tlhelpers.models import freeze, load_pretrained, make_optimizer
+        from tlhelpers.training import fit
+
+        topic_train = synthetic_text(
+            "train", **exercises.text_classifier.task(),
+            n_per_class=by_mode(16, 8), seed=0)
+        topic_model = load_pretrained("minilm_l6",
+                                      num_classes=len(topic_train.classes))
+        freeze(topic_model)          # the encoder keeps its pretraining
+        (topic_loader,) = make_loaders(
+            with_transform(topic_train, topic_model.transform), batch_size=8)
+        fit(topic_model, topic_loader, None,
+            make_optimizer(topic_model, lr=1e-2), epochs=by_mode(10, 6),
+            progress=False)
+        """)
+    task_spec = MappingProxyType({"classes": 4})
+    heldout_per_class = (25, 10)
+    target = (0.8, 0.7)
+
+    def task(self):
+        """Return the synthetic_text() arguments of the graded task."""
+        return dict(self.task_spec)
+
+    def heldout(self, seed):
+        """Draw held-out test-split sentences and their labels.
+
+        Returns:
+            (sentences: list of str, labels: int64 tensor [N]).
+        """
+        import torch
+
+        from tlhelpers import data
+
+        ds = data.synthetic_text(
+            "test", **self.task(),
+            n_per_class=config.by_mode(*self.heldout_per_class), seed=seed)
+        return list(ds.sentences), torch.tensor(ds.targets,
+                                                dtype=torch.int64)
+
+    def _collect(self, topic_model, images):
+        # The weights that differ from the shipped ones: the model is
+        # rebuilt and measured where the check runs, never in the kernel.
+        import torch
+
+        from tlhelpers import models, text
+
+        name, net = _pretrained_parts(topic_model, "topic_model")
+        if getattr(topic_model, "modality", "image") != "text":
+            raise _Incorrect(
+                f"`topic_model` is an image model ({name}); sentences need "
+                f"a text model: load_pretrained('{text.MINILM_NAME}', "
+                "num_classes=...)")
+        shipped = text.pretrained_state()
+        changed = {}
+        for key, value in net.state_dict().items():
+            ref = shipped.get(key)
+            if ref is None or ref.shape != value.shape or not torch.equal(
+                    ref, value.detach().cpu()):
+                changed[key] = value.detach().cpu().clone()
+        return {"model": name,
+                "outputs": int(models.get_head(net).out_features),
+                "changed": changed,
+                "transform": repr(getattr(topic_model, "transform", None))}
+
+    def _judge(self, evidence, heldout):
+        from tlhelpers import models
+
+        classes = self.task()["classes"]
+        if evidence["outputs"] != classes:
+            raise _Incorrect(
+                f"topic_model predicts {evidence['outputs']} classes; the "
+                f"task has {classes}: give it a new head "
+                "(load_pretrained(..., num_classes=...))")
+        model = models.load_pretrained(evidence["model"],
+                                       num_classes=classes)
+        state = model.model.state_dict()
+        unknown = [k for k in evidence["changed"] if k not in state]
+        if unknown:
+            raise _Incorrect(
+                f"topic_model has weights a {evidence['model']} does not "
+                f"have ({_listing(unknown)}): keep the architecture "
+                "load_pretrained gives")
+        state.update(evidence["changed"])
+        try:
+            model.model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise _Incorrect(
+                f"topic_model's weights do not fit a {evidence['model']}: "
+                f"keep the architecture load_pretrained gives "
+                f"({str(err).splitlines()[0]})")
+        if heldout is None:
+            raise _Incorrect("the held-out sentences are missing")
+        preds = _forward_images(list(heldout[0]), model.transform,
+                                model.model).argmax(1)
+        note = ""
+        if evidence["transform"] != repr(model.transform):
+            note = (f" Note: topic_model.transform is "
+                    f"{evidence['transform']}, not the model's own "
+                    "tokenizer; the check used the model's own.")
+        try:
+            message = _accuracy_message(preds, heldout[1], self._target(),
+                                        "topic_model classifies")
+        except _Incorrect as err:
+            raise _Incorrect(str(err).replace(" images ", " sentences ")
+                             + note) from None
+        return message.replace(" images ", " sentences ") + note
 
 
 # --------------------------------------------------------------- registry
@@ -1274,11 +1536,13 @@ discriminative_lrs = DiscriminativeLRs()
 unfreezing_schedule = UnfreezingSchedule()
 pick_strategy = PickStrategy()
 capstone = Capstone()
+text_classifier = TextClassifier()
 
 # In course order; read-only so nothing can swap an exercise at run time.
 EXERCISES = MappingProxyType({e.name: e for e in (
     load_with_preprocessing, linear_probe, freeze_backbone,
-    discriminative_lrs, unfreezing_schedule, pick_strategy, capstone)})
+    discriminative_lrs, unfreezing_schedule, pick_strategy, capstone,
+    text_classifier)})
 
 
 def get(name):
@@ -1413,44 +1677,3 @@ def fill_solutions(notebook_path, out_path):
     files.write_text(out_path,
                      json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     return out_path
-
-
-# --------------------------------------------------------- the grader's
-
-
-def record_answers(names, namespace, folder, heldout=None, suffix=""):
-    """Save the evidence of each exercise from a notebook's variables.
-
-    The grader runs this inside the learner's kernel after the notebook's
-    cells, from a fresh copy of this file, and judges the saved evidence
-    in another process. Never raises for a learner's object.
-
-    Args:
-        names: exercise names.
-        namespace: the notebook's variables (globals()).
-        folder: where <name><suffix>.pt files go.
-        heldout: folder of <name>.pt held-out images (no labels).
-    """
-    import torch
-
-    
-    folder = Path(folder)
-    for name in names:
-        exercise = get(name)
-        images = None
-        if exercise.task_spec is not None:
-            try:
-                images = _to_pil(torch.load(
-                    Path(heldout) / f"{name}.pt", weights_only=True))
-            except Exception as err:
-                evidence = exercise._evidence(error=(
-                    f"the grader's held-out images are missing ({err})"))
-                files.save(evidence, folder / f"{name}{suffix}.pt")
-                continue
-        evidence = exercise.collect(namespace, images)
-        try:
-            files.save(evidence, folder / f"{name}{suffix}.pt")
-        except Exception as err:
-            files.save(exercise._evidence(error=(
-                f"your answer could not be recorded ({err})")),
-                folder / f"{name}{suffix}.pt")

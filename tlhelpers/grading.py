@@ -3,12 +3,25 @@
 ``tlcourse grade SUBMISSIONS... --out gradebook.csv`` (or ``grade()``):
 each notebook, or each notebook found in a folder, runs in a temporary
 copy, in its own kernel, with a time limit and a memory limit, several at
-once. The grader adds cells of its own after each exercise and at the end;
-they save *evidence* of the learner's answers (see tlhelpers.exercises)
-from the kernel's variables, named by the exercise convention. The
-evidence is judged afterwards in the grading process itself, which never
-runs a learner's code, with a freshly imported copy of the checks. The
-gradebook (one row per notebook: points per exercise, total, status,
+once. On Linux with bubblewrap (``bwrap``) each kernel runs in a sandbox:
+no network, read-only system folders, only its own work folder writable,
+a private /tmp and /dev/shm counted against its memory limit, its own PID
+namespace (everything it started dies with it), and nothing of the
+grader's in sight (command line, environment, other notebooks, held-out
+labels). The kernel talks to the grader over IPC sockets in its work
+folder. Without bwrap the grader refuses to run unless told
+``--no-sandbox``.
+
+The grader adds cells of its own after each exercise and at the end; they
+record *evidence* of the learner's answers (see tlhelpers.exercises) from
+the kernel's variables with a copy of the checks loaded afresh from the
+installed files, into a file whose name the kernel learns only when the
+cell runs; the worker moves it out of the kernel's reach at once. The
+evidence is judged afterwards in the grading process, which never runs a
+learner's code: the capstone's weights and the linear probe's features
+are loaded with ``torch.load(weights_only=True)`` and scored there on
+held-out images drawn from a secret seed, whose labels no kernel sees.
+The gradebook (one row per notebook: points per exercise, total, status,
 message) and one feedback file per learner are written atomically.
 
 Statuses, most serious first: "invalid notebook" (not readable as a
@@ -19,51 +32,49 @@ anyway), "ok". A notebook's exercises are graded whatever its status.
 
 Threat model
 ------------
-What this isolation stops:
+What the sandbox and the grader stop (tests/test_grading.py runs one
+fixture notebook per case): fake printed results; redefined,
+monkeypatched or edited checks and patched tlhelpers modules; evidence
+files written by the notebook; working out the held-out labels (the seed
+is secret, never in a kernel's reach); deleting or reading other
+notebooks' files; processes that outlive the run; a forged kernel pid;
+crashes, endless loops, memory hogs (also in /dev/shm), broken files.
 
-- printing fake results: scores never come from a notebook's output;
-- redefining, monkeypatching or editing the checks (``check``, the
-  ``exercises`` module in the kernel, a check cell): the grader records
-  answers with a copy of the checks loaded from the installed file, and
-  judges them in another process;
-- forging the held-out accuracy: the kernel sees the held-out images but
-  never their labels, and the score is computed outside the kernel;
-- crashes, infinite loops, memory hogs and broken files: each notebook
-  runs in its own kernel with a time limit (interrupt, then kill) and a
-  memory limit; a crash in one cell does not stop the grading of the
-  exercises after it, and one notebook's failure never stops the run;
-- notebooks reading each other's files by accident: each runs in its own
-  temporary folder, with its own feature cache.
-
-What it does NOT stop: this is not a sandbox. The learner's code runs as
-the instructor's user, with the instructor's files and network. A hostile
-learner can read or delete files, open connections, read the grader's
-code and imitate it, patch torch or the interpreter to forge what the
-grader records, or reach other kernels' folders. Grade untrusted or
-hostile cohorts inside a container or a virtual machine with no network
-and only the submissions mounted (one container per run is enough).
+What it does NOT stop: a learner who patches torch or Python inside
+their own kernel (or races the grader's cell from a thread) can forge
+the *structural* evidence of their own notebook (freezing, learning
+rates, schedules, strategies). Accuracy-based scores cannot be forged
+that way: they are measured here, on images whose labels the kernel never
+sees. A reference solution pasted verbatim is flagged in the feedback,
+not hidden. Without the sandbox (``--no-sandbox``) a learner's code runs
+as the instructor, with the instructor's files and network.
 
 Limits by operating system: on Linux the kernel gets RLIMIT_DATA =
 memory_mb (the memory it can allocate) and RLIMIT_AS = memory_mb + 4 GB
 (torch reserves about 3 GB of address space it never uses, so RLIMIT_AS
 alone cannot be tight); on every system a watchdog also kills a kernel
-whose resident memory (with its child processes) passes memory_mb + 1 GB.
-macOS does not enforce these rlimits and Windows has none, so there the
-watchdog alone limits memory. Time limits work everywhere.
+whose resident memory (with its child processes, and in the sandbox what
+it stored in /tmp and /dev/shm) passes memory_mb + 1 GB. macOS does not
+enforce these rlimits and Windows has none, so there the watchdog alone
+limits memory. Time limits work everywhere.
 """
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -73,22 +84,49 @@ from pathlib import Path
 # happen inside the functions that need them: `tlcourse grade --help`
 # answers at once, and the worker process never imports torch.
 
-DEFAULT_TIMEOUT = 900        # seconds for a notebook's own cells
+DEFAULT_TIMEOUT = 900        # seconds for a notebook's own cells, in all
 DEFAULT_MEMORY_MB = 3072     # per kernel
+# The capstone's reference solution (ImageNet weights, two training
+# phases) fails at 1024 MB of RLIMIT_DATA and passes from 1280 MB
+# (benchmarks/bench_grading.py --memory); below the minimum, honest work
+# fails in ways that look like the learner's fault.
+MIN_MEMORY_MB = 2048
 COLLECT_TIMEOUT = 120        # seconds for each cell the grader adds
 STARTUP_TIMEOUT = 60         # seconds for a kernel to start
 KILL_GRACE = 10              # seconds a cell gets to obey an interrupt
-MIN_CELL_SECONDS = 5         # even after the time is up, so that the
-#                              exercises after an endless loop still run
 AS_ALLOWANCE_MB = 4096       # address space torch reserves but never uses
 WATCHDOG_SLACK_MB = 1024     # resident libraries on top of memory_mb
-MAX_EVIDENCE_MB = 64         # larger evidence files are not loaded
+MAX_EVIDENCE_MB = 1024       # larger evidence files are not loaded
 STATUSES = ("invalid notebook", "not this course", "grader error",
             "timeout", "memory limit", "kernel died", "cell errors",
             "edited checks", "ok")
+# Exit codes of `tlcourse grade` (its --help lists them).
+EXIT_OK, EXIT_WRITE, EXIT_USAGE, EXIT_NO_SANDBOX = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130
+SKIPPED_FOLDERS = (".ipynb_checkpoints",)
 _COURSE_NOTEBOOK = re.compile(r"^\d\d_")
 _CHECK_CALL = re.compile(r"exercises\.([a-z_]+)\.check\(")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+NO_SANDBOX_HELP = (
+    "install bubblewrap (Debian/Ubuntu: sudo apt-get install bubblewrap; "
+    "Fedora: sudo dnf install bubblewrap), or grade inside the container "
+    "the README shows; only for a cohort you trust, pass --no-sandbox "
+    "(learners' code then runs as you, with your files and network)")
+# Files of /etc the kernel reads (libraries, time zone, users, fonts,
+# certificates); the rest of /etc stays out of the sandbox.
+_ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d",
+        "/etc/localtime", "/etc/passwd", "/etc/group",
+        "/etc/nsswitch.conf", "/etc/hosts", "/etc/fonts", "/etc/ssl",
+        "/etc/ca-certificates", "/etc/alternatives", "/etc/mime.types",
+        "/etc/matplotlibrc")
+# Grader variables a kernel keeps (locale, library paths, course mode).
+_PASS_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "LD_LIBRARY_PATH", "TLH_SMOKE",
+             "TLH_OFFLINE")
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap cannot sandbox kernels on this machine."""
 
 
 def default_jobs(memory_mb=DEFAULT_MEMORY_MB):
@@ -99,19 +137,43 @@ def default_jobs(memory_mb=DEFAULT_MEMORY_MB):
     return max(1, min(4, os.cpu_count() or 1, fit))
 
 
+def sandbox_problem():
+    """Return why kernels cannot be sandboxed here, or None if they can."""
+    if not sys.platform.startswith("linux"):
+        return "the sandbox (bubblewrap) needs Linux"
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return "bubblewrap (bwrap) is not installed"
+    try:
+        probe = subprocess.run(
+            [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/",
+             "/", "--proc", "/proc", "--dev", "/dev", "true"],
+            capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"bwrap does not run ({err})"
+    if probe.returncode != 0:
+        why = " ".join(probe.stderr.split())[:200] or "no message"
+        return f"bwrap cannot create a sandbox here ({why})"
+    return None
+
+
 # ----------------------------------------------------------- submissions
 
 
 @dataclass(frozen=True)
 class Submission:
-    """One notebook to grade: where it is and whose it is."""
+    """One notebook to grade: where it is and whose it is.
+
+    ``problem`` set means the file is not run: its row says why.
+    """
 
     path: Path
     student: str
     file: str
+    problem: str = ""
 
 
-def find_submissions(paths):
+def find_submissions(paths, skipped=None):
     """Expand notebooks and folders into submissions, in a stable order.
 
     A notebook in a sub-folder belongs to the learner that sub-folder is
@@ -119,27 +181,39 @@ def find_submissions(paths):
     named after its learner (``alice.ipynb``), unless its name is a course
     notebook's (``NN_...``): then its folder names the learner, and the
     file reads ``alice/03_fine_tuning.ipynb`` however it was given.
+    Editors' checkpoint folders and links to folders are not searched:
+    each is appended to ``skipped`` as (path, reason). A linked notebook
+    gets a row that says it was not followed.
     """
+    skipped = [] if skipped is None else skipped
     found = {}
     for arg in paths:
         root = Path(arg)
-        if root.is_dir():
-            for path in sorted(root.rglob("*.ipynb")):
+        if root.is_dir() and not root.is_symlink():
+            for path in _walk(root, skipped):
                 rel = path.relative_to(root)
-                if any(part.startswith(".") for part in rel.parts):
-                    continue  # .ipynb_checkpoints and other hidden copies
                 if len(rel.parts) > 1:
                     entry = (path, rel.parts[0], rel.as_posix())
                 else:
                     entry = _alone(path)
-                found.setdefault(path.resolve(), entry)
-        elif root.is_file():
-            found.setdefault(root.resolve(), _alone(root))
+                found.setdefault(os.path.abspath(path), entry)
+        elif root.is_file() or root.is_symlink():
+            found.setdefault(os.path.abspath(root), _alone(root))
+        elif root.is_dir():
+            skipped.append((root, "a link to a folder (links are not "
+                                  "followed)"))
         else:
             raise FileNotFoundError(f"no notebook or folder at {arg!r}")
     names = [(s, f) for _, s, f in found.values()]
-    subs = [Submission(p, s, f if names.count((s, f)) == 1 else str(p))
-            for p, s, f in found.values()]
+    subs = []
+    for path, student, file in found.values():
+        problem = ""
+        if path.is_symlink():
+            problem = ("a symbolic link, not a notebook: links are not "
+                       "followed; submit the notebook itself")
+        subs.append(Submission(path, student,
+                               file if names.count((student, file)) == 1
+                               else str(path), problem))
     if not subs:
         raise ValueError(f"no notebooks (.ipynb) found in "
                          f"{', '.join(map(str, paths)) or 'nothing'}: pass "
@@ -147,9 +221,26 @@ def find_submissions(paths):
     return sorted(subs, key=lambda s: (s.student, s.file))
 
 
+def _walk(root, skipped):
+    """Yield the notebooks under a folder; note what is not searched."""
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in sorted(dirs):
+            path = Path(folder) / name
+            if name in SKIPPED_FOLDERS:
+                skipped.append((path, "an editor's checkpoint copies"))
+                dirs.remove(name)
+            elif path.is_symlink():
+                skipped.append((path, "a link to a folder (links are "
+                                      "not followed)"))
+        dirs.sort()
+        for name in sorted(names):
+            if name.endswith(".ipynb"):
+                yield Path(folder) / name
+
+
 def _alone(path):
     """Return (path, learner, file) of a notebook not in a learner folder."""
-    folder = path.resolve().parent.name
+    folder = Path(os.path.abspath(path)).parent.name
     if _COURSE_NOTEBOOK.match(path.stem) and folder:
         return path, folder, f"{folder}/{path.name}"
     return path, path.stem, path.name
@@ -189,16 +280,22 @@ class GradedNotebook:
 
 @dataclass
 class Gradebook:
-    """Graded notebooks, one row each, sorted by learner and file."""
+    """Graded notebooks, one row each, sorted by learner and file.
+
+    ``seed`` says whether the held-out seed was "drawn" (secret, new each
+    run) or "given" (--seed); the seed itself is never written.
+    """
 
     exercises: list
     rows: list
+    seed: str = ""
+    skipped: list = field(default_factory=list)
 
     @property
     def columns(self):
         """Return the CSV columns."""
         return (["student", "file"] + list(self.exercises)
-                + ["total", "max_points", "status", "message"])
+                + ["total", "max_points", "status", "message", "seed"])
 
     def records(self):
         """Return the rows as dicts of CSV values (timings left out)."""
@@ -210,18 +307,28 @@ class Gradebook:
                 record[name] = "" if result is None else _num(result.points)
             record.update(total=_num(row.total),
                           max_points=_num(row.max_points),
-                          status=row.status, message=row.message)
+                          status=row.status, message=row.message,
+                          seed=self.seed)
             out.append(record)
         return out
 
     def to_csv(self):
-        """Return the gradebook as CSV text."""
+        """Return the gradebook as CSV text, formulas neutralised."""
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.columns,
                                 lineterminator="\n")
         writer.writeheader()
-        writer.writerows(self.records())
+        writer.writerows({k: _inert(v) for k, v in r.items()}
+                         for r in self.records())
         return buffer.getvalue()
+
+    def feedback_files(self):
+        """Return {learner: feedback file name}, one file per learner."""
+        students = sorted({row.student for row in self.rows})
+        names = {s: feedback_name(s) for s in students}
+        if len(set(names.values())) < len(names):  # a hash collision
+            names = {s: feedback_name(s, digits=64) for s in students}
+        return names
 
     def write(self, path, feedback_dir=None):
         """Write the CSV (atomically) and one feedback file per learner.
@@ -238,8 +345,9 @@ class Gradebook:
         feedback_dir = Path(feedback_dir)
         feedback_dir.mkdir(parents=True, exist_ok=True)
         written = []
+        names = self.feedback_files()
         for student, text in self.feedback().items():
-            target = feedback_dir / f"{_safe_name(student)}.md"
+            target = feedback_dir / names[student]
             files.write_text(target, text)
             written.append(target)
         # The gradebook last: it never points at feedback not yet written.
@@ -286,16 +394,36 @@ class Gradebook:
         return self.table()._repr_html_()
 
 
+def feedback_name(student, digits=10):
+    """Return a learner's feedback file name: readable slug plus hash.
+
+    The hash is of the exact name, so "José" and "Josè" (both "Jose")
+    never share a file.
+    """
+    ascii_name = unicodedata.normalize("NFKD", student).encode(
+        "ascii", "ignore").decode()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", ascii_name).strip("._-")[:40]
+    digest = hashlib.sha256(student.encode("utf-8", "surrogatepass"))
+    return f"{slug or 'learner'}-{digest.hexdigest()[:digits]}.md"
+
+
+def _inert(value):
+    """Keep a spreadsheet from reading a CSV cell as a formula."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        try:
+            float(value)
+            return value  # a number, not a formula
+        except ValueError:
+            return "'" + value
+    return value
+
+
 def _num(value):
     return f"{value:g}"
 
 
 def _shorten(text, width):
     return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _safe_name(name):
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "learner"
 
 
 def _clean(text, run_dir, limit=300):
@@ -323,6 +451,10 @@ def _read_notebook(path):
         return None, f"cannot read the file ({err.strerror})"
     if not isinstance(raw, dict) or not isinstance(raw.get("cells"), list):
         return None, "not a notebook: the JSON has no list of cells"
+    for number, cell in enumerate(raw["cells"], 1):
+        problem = _cell_problem(cell)
+        if problem:
+            return None, f"not a notebook: cell {number} {problem}"
     try:
         with warnings.catch_warnings():
             # Missing cell ids and the like: nbformat fixes them itself.
@@ -331,6 +463,40 @@ def _read_notebook(path):
     except Exception as err:
         return None, f"not a notebook: {_shorten(str(err), 200)}"
     return nb, None
+
+
+def _cell_problem(cell):
+    """Say what makes a cell unreadable, or return ""."""
+    if not isinstance(cell, dict):
+        return "is not a JSON object"
+    if cell.get("cell_type") not in ("code", "markdown", "raw"):
+        return f"has an unknown type {cell.get('cell_type')!r}"
+    source = cell.get("source", "")
+    if not (isinstance(source, str) or (isinstance(source, list) and all(
+            isinstance(line, str) for line in source))):
+        return "has a source that is not text"
+    if not isinstance(cell.get("metadata", {}), dict):
+        return "has metadata that is not a JSON object"
+    tags = cell.get("metadata", {}).get("tags", [])
+    if not isinstance(tags, list):
+        return "has tags that are not a list"
+    return ""
+
+
+def _language(nb):
+    """Return the notebook's language and a remark on bad metadata."""
+    remarks = []
+    meta = nb.metadata
+    spec, info = meta.get("kernelspec"), meta.get("language_info")
+    for key, value in (("kernelspec", spec), ("language_info", info)):
+        if value is not None and not isinstance(value, dict):
+            remarks.append(f"the notebook's {key} metadata is not valid "
+                           "(ignored)")
+            meta.pop(key)
+    spec = spec if isinstance(spec, dict) else {}
+    info = info if isinstance(info, dict) else {}
+    return str(spec.get("language") or info.get("name") or "python"), \
+        remarks
 
 
 def _expected_exercises(nb):
@@ -369,39 +535,61 @@ def _convention_notes(nb, expected):
     return notes
 
 
+def _remarks(nb, expected, file_stem):
+    """Note pasted reference solutions and exercises out of place."""
+    from tlhelpers import exercises
+
+    cells = exercises.exercise_cells(nb)
+    homes = {e.notebook for e in exercises.EXERCISES.values()}
+    remarks = []
+    for name in expected:
+        exercise = exercises.get(name)
+        solution = exercises.normalise_code(exercise.solution_code)
+        if any(exercises.normalise_code(exercises.cell_source(
+                nb.cells[i])) == solution
+               for i in cells.get(name, {}).get("exercise", [])):
+            remarks.append(f"the answer to {name} is the reference "
+                           "solution, pasted verbatim")
+        if file_stem in homes and exercise.notebook != file_stem:
+            remarks.append(f"{name} belongs in {exercise.notebook}, not "
+                           f"{file_stem} (graded here, counted once)")
+    return remarks
+
+
 _RECORDER = '''\
 # Added by the grader: records the answers to {shown}.
 def _tlh_grader_record():
     import importlib.util
     spec = importlib.util.spec_from_file_location(
-        "_tlh_grader_exercises", {module!r})
+        "_tlh_grader", {module!r})
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)
-    fresh.record_answers({names!r}, globals(), {folder!r}, {heldout!r},
-                         {suffix!r})
+    fresh.record_answers({names!r}, globals(), {outbox!r}, {token!r},
+                         {heldout!r})
 _tlh_grader_record()
 del _tlh_grader_record
 '''
 
 
-def _instrument(nb, expected, evidence_dir, heldout_dir):
+def _instrument(nb, expected, outbox, heldout_dir):
     """Add the grader's recording cells: after each exercise, at the end.
 
-    The cells load the checks from the installed file, not from the
-    kernel's (possibly patched) modules.
+    Each cell writes to names with a fresh random token that the kernel
+    sees only when the cell runs; the token lives in the cell's metadata,
+    which stays with the grader.
     """
     import nbformat
 
     from tlhelpers import exercises
 
-    module = str(Path(exercises.__file__).resolve())
-
     def recorder(names, suffix):
+        token = secrets.token_hex(16)
         cell = nbformat.v4.new_code_cell(_RECORDER.format(
-            shown=", ".join(names), module=module, names=list(names),
-            folder=str(evidence_dir), heldout=str(heldout_dir),
-            suffix=suffix))
-        cell.metadata["tlhelpers_grader"] = True
+            shown=", ".join(names), module=str(Path(__file__).resolve()),
+            names=list(names), outbox=str(outbox), token=token,
+            heldout=str(heldout_dir)))
+        cell.metadata["tlhelpers_grader"] = {
+            "names": list(names), "suffix": suffix, "token": token}
         return cell
 
     after = {}
@@ -420,6 +608,81 @@ def _instrument(nb, expected, evidence_dir, heldout_dir):
     cells.append(recorder(expected, ".final"))
     nb.cells = cells
     return nb
+
+
+# ------------------------------------------------------ the kernel side
+
+
+def record_answers(names, namespace, outbox, token, heldout=None):
+    """Save each exercise's evidence from a notebook's variables.
+
+    Runs inside the learner's kernel, in the grader's cell, from a fresh
+    copy of this file, with a fresh copy of the checks. Writes
+    ``<outbox>/<token>-<name>.pt``; an answer that fails when read
+    (even with SystemExit) is recorded as that failure. Missing held-out
+    images raise: that is the grader's fault, not the learner's.
+    """
+    import torch
+
+    fresh = _fresh_exercises()
+    for name in names:
+        exercise = fresh.get(name)
+        images = None
+        if exercise.task_spec is not None:
+            try:
+                images = fresh._to_pil(torch.load(
+                    Path(heldout) / f"{name}.pt", weights_only=True))
+            except Exception as err:
+                raise RuntimeError(
+                    f"the grader's held-out images for {name} are missing"
+                    f" or unreadable ({type(err).__name__})") from None
+        try:
+            evidence = exercise.collect(namespace, images)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # SystemExit from a learner's object
+            evidence = exercise._evidence(error=(
+                f"reading your answer raised {type(err).__name__}: {err}"))
+        buffer = io.BytesIO()
+        try:
+            torch.save(evidence, buffer)
+        except Exception as err:
+            buffer = io.BytesIO()
+            torch.save(exercise._evidence(error=(
+                f"your answer could not be recorded ({err})")), buffer)
+        with open(Path(outbox) / f"{token}-{name}.pt", "wb") as out:
+            out.write(buffer.getvalue())
+
+
+def _fresh_exercises():
+    """Load tlhelpers.exercises afresh from its file, with fresh imports.
+
+    The kernel's own tlhelpers modules (maybe patched) are set aside while
+    it loads, so its config, files and other top-level imports are fresh
+    copies too; they are put back afterwards.
+    """
+    import importlib.util
+    import types
+
+    package = Path(__file__).resolve().parent
+    saved = {k: v for k, v in sys.modules.items()
+             if k == "tlhelpers" or k.startswith("tlhelpers.")}
+    try:
+        for key in saved:
+            del sys.modules[key]
+        fresh_package = types.ModuleType("tlhelpers")
+        fresh_package.__path__ = [str(package)]
+        sys.modules["tlhelpers"] = fresh_package
+        spec = importlib.util.spec_from_file_location(
+            "_tlh_grader_exercises", package / "exercises.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        for key in [k for k in sys.modules
+                    if k == "tlhelpers" or k.startswith("tlhelpers.")]:
+            del sys.modules[key]
+        sys.modules.update(saved)
 
 
 # ------------------------------------------------------ the worker side
@@ -443,12 +706,41 @@ def _limit_memory(memory_mb):
             pass  # macOS refuses some limits; the watchdog still applies
 
 
-def _kill_tree(pid):
-    """Kill a process and everything it started."""
+def _adopt_orphans():
+    """Make orphaned descendants (daemons) children of this process."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _started(pid):
+    """Return a process's start time (to recognise it later), or None."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _kill_tree(pid, started=None):
+    """Kill a process and everything it started.
+
+    With ``started`` (from _started), only if the process with that pid
+    is still the one that started then: a pid can be reused.
+    """
     import psutil
 
     try:
         parent = psutil.Process(pid)
+        if started is not None and parent.create_time() != started:
+            return
         procs = parent.children(recursive=True) + [parent]
     except psutil.Error:
         return
@@ -460,17 +752,39 @@ def _kill_tree(pid):
     psutil.wait_procs(procs, timeout=5)
 
 
+def _tmpfs_bytes(pid):
+    """Return what a sandbox stored in its /tmp and /dev/shm, in bytes."""
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return 0
+    for proc in procs:
+        try:
+            used = 0
+            for folder in ("tmp", "dev/shm"):
+                info = os.statvfs(f"/proc/{proc.pid}/root/{folder}")
+                used += (info.f_blocks - info.f_bfree) * info.f_frsize
+            return used
+        except OSError:
+            continue
+    return 0
+
+
 class _Watchdog(threading.Thread):
     """Kill the kernel when a cell ignores its interrupt or memory runs out.
 
     ``deadline`` (time.monotonic) is moved forward at every cell start.
     """
 
-    def __init__(self, limit_bytes, interval=0.2):
+    def __init__(self, limit_bytes, interval=0.2, sandboxed=False):
         super().__init__(daemon=True)
         self.limit_bytes = limit_bytes
         self.interval = interval
+        self.sandboxed = sandboxed
         self.pid = None
+        self.started = None
         self.deadline = None
         self.reason = None
         self._stop_event = threading.Event()
@@ -482,7 +796,10 @@ class _Watchdog(threading.Thread):
     def _rss(self):
         from tlhelpers.runner import tree_rss
 
-        return tree_rss(self.pid) or 0
+        used = tree_rss(self.pid) or 0
+        if self.sandboxed:
+            used += _tmpfs_bytes(self.pid)
+        return used
 
     def run(self):
         """Poll every `interval` seconds until stopped."""
@@ -495,81 +812,190 @@ class _Watchdog(threading.Thread):
                   and time.monotonic() > self.deadline):
                 self.reason = "timeout"
             if self.reason is not None:
-                _kill_tree(self.pid)
+                _kill_tree(self.pid, self.started)
+
+
+def _sandbox_argv(spec):
+    """Return the bwrap command line that wraps a grading kernel."""
+    argv = [shutil.which("bwrap") or "bwrap", "--unshare-all",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--clearenv"]
+    for key, value in sorted(spec["env"].items()):
+        argv += ["--setenv", key, value]
+    size = str(int(spec["memory_mb"]) * 2**20)
+    argv += ["--proc", "/proc", "--dev", "/dev",
+             "--size", size, "--tmpfs", "/tmp",
+             "--size", size, "--tmpfs", "/dev/shm",
+             "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    for path in _ETC + tuple(spec["read_only"]):
+        if os.path.exists(path):
+            argv += ["--ro-bind", path, path]
+    for path in spec["writable"]:
+        argv += ["--bind", path, path]
+    return argv + ["--chdir", spec["cwd"], "--"]
+
+
+def _read_only_paths():
+    """Return what a sandboxed kernel reads: Python, packages, weights."""
+    import site
+    import sysconfig
+
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix,
+             str(Path(__file__).resolve().parent)}
+    paths.update(sysconfig.get_paths().values())
+    paths.update(site.getsitepackages())
+    user_site = site.getusersitepackages()
+    if isinstance(user_site, str):
+        paths.add(user_site)
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+        "torch")
+    paths.add(torch_home)
+    existing = sorted(p for p in paths if p and os.path.isdir(p)
+                      and not p.startswith(("/usr", "/proc", "/dev")))
+    # Outer folders first, so an inner bind is not hidden by an outer one.
+    return sorted(existing, key=lambda p: p.count(os.sep))
+
+
+def _kernel_manager(spec):
+    """Return a kernel manager for this Python, sandboxed when asked."""
+    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f",
+            "{connection_file}"]
+    if spec["sandbox"]:
+        argv = _sandbox_argv(spec) + argv
+    kernel_spec = KernelSpec(argv=argv, display_name="grading",
+                             language="python", interrupt_mode="message",
+                             resource_dir="")
+
+    class GradingSpecs(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name):
+            return kernel_spec
+
+    km = AsyncKernelManager(kernel_name="python3",
+                            kernel_spec_manager=GradingSpecs())
+    if spec["sandbox"]:
+        # No network in the sandbox: IPC sockets in a bound folder.
+        km.transport = "ipc"
+        km.ip = str(Path(spec["ipc"]) / "kernel")
+        km.connection_file = str(Path(spec["ipc"]) / "kernel.json")
+    return km
+
+
+def _collect_evidence(cell, outbox, evidence):
+    """Move a recording cell's files out of the kernel's reach.
+
+    Returns the exercises whose file is missing.
+    """
+    info = cell.metadata["tlhelpers_grader"]
+    missing = []
+    for name in info["names"]:
+        source = Path(outbox) / f"{info['token']}-{name}.pt"
+        try:
+            if not stat.S_ISREG(os.lstat(source).st_mode):
+                raise OSError("not a regular file")
+            shutil.move(str(source), str(Path(evidence)
+                                         / f"{name}{info['suffix']}.pt"))
+        except OSError:
+            missing.append(name)
+    return missing
 
 
 def _execute(spec):
     """Run one instrumented notebook; write what happened as JSON.
 
     Runs in a worker process, one per notebook: the kernel it starts
-    inherits its memory limits.
+    inherits its memory limits, and nothing the kernel starts outlives it.
     """
     import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import DeadKernelError
+    import psutil
 
     from tlhelpers import runner
 
+    _adopt_orphans()
     _limit_memory(spec["memory_mb"])
     nb = nbformat.read(spec["notebook"], as_version=4)
-    watchdog = _Watchdog((spec["memory_mb"] + WATCHDOG_SLACK_MB) * 2**20)
-    budget = {"left": float(spec["timeout"]), "start": None,
-              "allotted": None}
-    timed_out = set()
-    report = {"kernel": "ok", "cells": [], "recorder_errors": []}
+    watchdog = _Watchdog((spec["memory_mb"] + WATCHDOG_SLACK_MB) * 2**20,
+                         sandboxed=spec["sandbox"])
+    limit = spec["timeout"] or None   # 0: no limit
+    budget = {"left": limit, "start": None, "allotted": None}
+    timed_out, skipped = set(), []
+    report = {"kernel": "ok", "cells": [], "recorder_errors": [],
+              "skipped": 0}
 
     def is_grader(cell):
         return bool(cell.metadata.get("tlhelpers_grader"))
 
+    def skip(cell):
+        return (not is_grader(cell) and cell.cell_type == "code"
+                and budget["left"] is not None and budget["left"] <= 0)
+
     def timeout_for(cell):
         if is_grader(cell):
             allotted = spec["collect_timeout"]
+        elif budget["left"] is None:
+            allotted = None
         else:
-            allotted = max(spec["min_cell_seconds"],
-                           int(budget["left"] + 0.999))
+            allotted = max(1, int(budget["left"] + 0.999))
         budget["start"], budget["allotted"] = time.monotonic(), allotted
-        watchdog.deadline = time.monotonic() + allotted + spec["kill_grace"]
+        watchdog.deadline = (None if allotted is None else
+                             time.monotonic() + allotted
+                             + spec["kill_grace"])
         return allotted
 
     def on_start(cell, cell_index):
         if watchdog.pid is None and client.km is not None:
-            watchdog.pid = client.km.provisioner.pid
-            Path(spec["kernel_pid"]).write_text(str(watchdog.pid))
+            pid = client.km.provisioner.pid
+            watchdog.started, watchdog.pid = _started(pid), pid
 
     def on_done(cell, cell_index, execute_reply=None):
         if budget["start"] is None:
             return
         spent = time.monotonic() - budget["start"]
-        if not is_grader(cell):
+        if not is_grader(cell) and budget["left"] is not None:
             budget["left"] -= spent
-        if spent >= budget["allotted"]:
+        if budget["allotted"] is not None and spent >= budget["allotted"]:
             timed_out.add(cell_index)
         budget["start"] = None
         watchdog.deadline = None
+        if is_grader(cell):
+            errors = [o for o in cell.get("outputs", [])
+                      if o.get("output_type") == "error"]
+            missing = _collect_evidence(cell, spec["outbox"],
+                                        spec["evidence"])
+            if missing and not errors and cell_index not in timed_out:
+                report["recorder_errors"].append({
+                    "ename": "", "evalue": "the recording cell ran but "
+                    f"wrote nothing for {', '.join(missing)}"})
 
-    env = dict(spec["env"])
-    client = NotebookClient(
-        nb, km=runner.this_python_kernel(), timeout_func=timeout_for,
-        allow_errors=True, interrupt_on_timeout=True,
-        startup_timeout=STARTUP_TIMEOUT, record_timing=False,
-        resources={"metadata": {"path": spec["cwd"]}},
-        on_cell_start=on_start, on_cell_executed=on_done)
+    client = _skipping_client(nb, skip, skipped, km=_kernel_manager(spec),
+                              timeout_func=timeout_for, allow_errors=True,
+                              interrupt_on_timeout=True,
+                              startup_timeout=STARTUP_TIMEOUT,
+                              record_timing=False,
+                              resources={"metadata": {"path": spec["cwd"]}},
+                              on_cell_start=on_start,
+                              on_cell_executed=on_done)
     watchdog.start()
     try:
-        client.execute(env=env)
-    except DeadKernelError:
-        report["kernel"] = {"memory": "killed for memory",
-                            "timeout": "killed at time limit"}.get(
-                                watchdog.reason, "died")
-    except Exception as err:  # the kernel never started, or nbclient broke
-        if watchdog.reason is not None:
-            report["kernel"] = {"memory": "killed for memory",
-                                "timeout": "killed at time limit"}[
-                                    watchdog.reason]
-        else:
-            report["kernel"] = f"failed: {type(err).__name__}: {err}"
+        client.execute(env=dict(spec["env"]))
+    except Exception as err:
+        report["kernel"] = _kernel_end(err, watchdog.reason)
     finally:
         watchdog.stop()
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                proc.kill()  # whatever the kernel left behind
+            except psutil.Error:
+                pass
+    report["skipped"] = len(skipped)
     number = 0
     for index, cell in enumerate(nb.cells):
         grader = is_grader(cell)
@@ -588,6 +1014,33 @@ def _execute(spec):
     Path(spec["report"]).write_text(json.dumps(report))
 
 
+def _kernel_end(err, reason):
+    """Say how the kernel ended, from nbclient's error and the watchdog."""
+    from nbclient.exceptions import DeadKernelError
+
+    if reason is not None:
+        return {"memory": "killed for memory",
+                "timeout": "killed at time limit"}[reason]
+    if isinstance(err, DeadKernelError):
+        return "died"
+    return f"failed: {type(err).__name__}: {err}"
+
+
+def _skipping_client(nb, skip, skipped, **kwargs):
+    """Return a NotebookClient that skips the cells `skip` picks."""
+    from nbclient import NotebookClient
+
+    class SkippingClient(NotebookClient):
+        async def async_execute_cell(self, cell, cell_index,
+                                     execution_count=None,
+                                     store_history=True):
+            if skip(cell):
+                skipped.append(cell_index)
+                return cell
+            return await super().async_execute_cell(
+                cell, cell_index, execution_count, store_history)
+
+    return SkippingClient(nb, **kwargs)
 
 
 # ------------------------------------------------------ the parent side
@@ -601,53 +1054,54 @@ def _with_package_path(env):
     return env
 
 
-def _kernel_env(cache_dir, threads):
-    """Return the environment of a grading kernel."""
-    from tlhelpers import runner
-
-    env = _with_package_path(runner.kernel_env())
-    env.pop("TLH_STRICT", None)  # checks in the notebook must not stop it
-    env.update(MPLBACKEND="Agg", TQDM_DISABLE="1", PYTHONHASHSEED="0",
-               TLH_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
+def _kernel_env(work, threads, sandbox):
+    """Return the whole environment of a grading kernel (no grader's)."""
+    python_bin = str(Path(sys.executable).parent)
+    env = {key: os.environ[key] for key in _PASS_ENV if key in os.environ}
+    env.update(
+        PATH=os.pathsep.join((python_bin, "/usr/local/bin", "/usr/bin",
+                              "/bin")),
+        HOME=str(work / "home"), TLH_CACHE_DIR=str(work / "cache"),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        MPLBACKEND="Agg", MPLCONFIGDIR=str(work / "home" / ".matplotlib"),
+        TQDM_DISABLE="1", PYTHONHASHSEED="0", TLH_LIVE="text",
+        PYDEVD_DISABLE_FILE_VALIDATION="1", OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads))
+    env.setdefault("LANG", "C.UTF-8")
+    torch_home = os.environ.get("TORCH_HOME")
+    if torch_home:
+        env["TORCH_HOME"] = torch_home
+    if sandbox:
+        env["TLH_OFFLINE"] = "1"  # no network in there: do not wait for it
     return env
 
 
 def _run_worker(spec_path, work, hard_timeout, running, lock):
-    """Start a worker for one notebook and wait; kill it past the limit."""
+    """Start a worker for one notebook and wait; kill it past the limit.
+
+    The worker's pid and start time stay in this process's memory.
+    """
     with open(work / "worker.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tlhelpers.grading", "--worker",
              str(spec_path)],
-            cwd=work / "worker", stdout=log, stderr=subprocess.STDOUT,
+            cwd=work, stdout=log, stderr=subprocess.STDOUT,
             env=_with_package_path(dict(os.environ)),
             start_new_session=True)
+        handle = (proc.pid, _started(proc.pid))
         with lock:
-            running.add(proc.pid)
+            running.add(handle)
         try:
             proc.wait(timeout=hard_timeout)
             killed = False
         except subprocess.TimeoutExpired:
-            _kill_tree(proc.pid)
+            _kill_tree(*handle)
             proc.wait()
             killed = True
         finally:
             with lock:
-                running.discard(proc.pid)
+                running.discard(handle)
     return killed
-
-
-def _kill_orphan_kernel(pid_file):
-    """Kill a kernel left behind by a worker that was killed."""
-    import psutil
-
-    try:
-        pid = int(Path(pid_file).read_text())
-        proc = psutil.Process(pid)
-        if any("ipykernel" in part for part in proc.cmdline()):
-            _kill_tree(pid)
-    except (OSError, ValueError, psutil.Error):
-        pass
 
 
 def _execute_submission(sub, index, settings, running, lock):
@@ -655,17 +1109,18 @@ def _execute_submission(sub, index, settings, running, lock):
     import nbformat
 
     start = time.monotonic()
-    outcome = {"sub": sub, "expected": [], "notes": [], "status": None,
-               "report": None, "evidence": None}
+    outcome = {"sub": sub, "expected": [], "notes": [], "remarks": [],
+               "status": None, "report": None, "evidence": None}
+    if sub.problem:
+        outcome.update(status="invalid notebook", notes=[sub.problem])
+        return outcome, time.monotonic() - start
     nb, problem = _read_notebook(sub.path)
     if problem:
         outcome.update(status="invalid notebook", notes=[problem])
         return outcome, time.monotonic() - start
-    language = (nb.metadata.get("kernelspec", {}).get("language")
-                or nb.metadata.get("language_info", {}).get("name")
-                or "python")
+    language, remarks = _language(nb)
     expected = _expected_exercises(nb)
-    if not expected or str(language).lower() != "python":
+    if not expected or language.lower() != "python":
         why = ("no cell of it is tagged exercise:<name> or check:<name> "
                "with an exercise of this course" if not expected
                else f"it is a {language} notebook")
@@ -673,28 +1128,39 @@ def _execute_submission(sub, index, settings, running, lock):
         return outcome, time.monotonic() - start
     outcome["expected"] = expected
     outcome["notes"] = _convention_notes(nb, expected)
+    outcome["remarks"] = remarks + _remarks(nb, expected,
+                                            Path(sub.file).stem)
     work = settings["run_dir"] / f"{index:04d}"
-    for sub_dir in ("notebook", "worker", "cache"):
-        (work / sub_dir).mkdir(parents=True)
-    evidence = Path(tempfile.mkdtemp(prefix="answers-", dir=work))
-    outcome["evidence"] = evidence
-    nb = _instrument(nb, expected, evidence, settings["heldout_dir"])
-    notebook = work / "notebook" / "submission.ipynb"
+    folders = {name: work / name for name in (
+        "notebook", "home", "cache", "ipc", "outbox", "evidence",
+        "heldout")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    outcome["evidence"] = folders["evidence"]
+    for name in expected:  # each notebook its own copy
+        if settings["heldout"].get(name) is not None:
+            shutil.copy(settings["heldout"].file(name),
+                        folders["heldout"] / f"{name}.pt")
+    nb = _instrument(nb, expected, folders["outbox"], folders["heldout"])
+    notebook = work / "submission.ipynb"   # outside the sandbox
     nbformat.write(nb, str(notebook))
-    spec = {"notebook": str(notebook), "cwd": str(work / "notebook"),
+    sandbox = settings["sandbox"]
+    spec = {"notebook": str(notebook), "cwd": str(folders["notebook"]),
             "timeout": settings["timeout"],
             "collect_timeout": COLLECT_TIMEOUT,
-            "kill_grace": KILL_GRACE, "min_cell_seconds": MIN_CELL_SECONDS,
-            "memory_mb": settings["memory_mb"],
-            "report": str(work / "report.json"),
-            "kernel_pid": str(work / "kernel.pid"),
-            "env": _kernel_env(work / "cache", settings["threads"])}
+            "kill_grace": KILL_GRACE, "memory_mb": settings["memory_mb"],
+            "report": str(work / "report.json"), "sandbox": sandbox,
+            "env": _kernel_env(work, settings["threads"], sandbox),
+            "ipc": str(folders["ipc"]), "outbox": str(folders["outbox"]),
+            "evidence": str(folders["evidence"]),
+            "read_only": settings["read_only"] + [str(folders["heldout"])],
+            "writable": [str(folders[n]) for n in (
+                "notebook", "home", "cache", "ipc", "outbox")]}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    hard = (settings["timeout"] + STARTUP_TIMEOUT + KILL_GRACE * 2 + 30
-            + COLLECT_TIMEOUT * (len(expected) + 1))
+    hard = (settings["timeout"] or 365 * 86400) + STARTUP_TIMEOUT + \
+        KILL_GRACE * 2 + 30 + COLLECT_TIMEOUT * (len(expected) + 1)
     killed = _run_worker(spec_path, work, hard, running, lock)
-    _kill_orphan_kernel(work / "kernel.pid")
     try:
         outcome["report"] = json.loads((work / "report.json").read_text())
     except (OSError, ValueError):
@@ -703,16 +1169,18 @@ def _execute_submission(sub, index, settings, running, lock):
         outcome["report"] = {"kernel": "killed at time limit" if killed
                              else f"failed: the grader's worker stopped "
                                   f"({last[0]})",
-                             "cells": [], "recorder_errors": []}
+                             "cells": [], "recorder_errors": [],
+                             "skipped": 0}
     return outcome, time.monotonic() - start
 
 
 def _load_evidence(path, name):
     import torch
 
-    if not path.exists() or path.stat().st_size > MAX_EVIDENCE_MB * 2**20:
-        return None
     try:
+        if (not stat.S_ISREG(os.lstat(path).st_mode)
+                or os.lstat(path).st_size > MAX_EVIDENCE_MB * 2**20):
+            return None
         evidence = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None
@@ -733,8 +1201,28 @@ def _pick_evidence(after_answer, at_end):
     return max((after_answer, at_end), key=rank)  # ties keep the first
 
 
-def _judge(outcome, labels, run_dir, memory_mb):
-    """Turn a submission's outcome into a gradebook row."""
+def _cell_condition(cell, where, error, memory_mb):
+    """Return (status, note) for one failed cell of the learner's."""
+    if cell["timed_out"]:
+        return "timeout", (f"{where} ran past the time limit and was "
+                           "interrupted")
+    if ("MemoryError" in cell["ename"]
+            or "can't allocate memory" in cell["evalue"]):
+        return "memory limit", (f"{where} ran out of memory ({memory_mb} "
+                                f"MB allowed): {error}")
+    if "No space left on device" in cell["evalue"]:
+        return "memory limit", (
+            f"{where} filled /tmp or /dev/shm, which count against the "
+            f"memory limit ({memory_mb} MB): {error}")
+    return "cell errors", f"{where} raised {error}"
+
+
+def _judge(outcome, heldout, run_dir, memory_mb, timeout=None):
+    """Turn a submission's outcome into a gradebook row.
+
+    Args:
+        heldout: {exercise: (PIL images, labels)} the grader drew.
+    """
     from tlhelpers import exercises
 
     sub = outcome["sub"]
@@ -744,6 +1232,7 @@ def _judge(outcome, labels, run_dir, memory_mb):
         return row
     # The notes so far say which exercise cells were deleted or edited.
     conditions = {"edited checks"} if outcome["notes"] else set()
+    row.notes += [_clean(n, run_dir) for n in outcome.get("remarks", [])]
     report = outcome["report"]
     for cell in report["cells"]:
         where = f"cell {cell['cell']}"
@@ -751,18 +1240,14 @@ def _judge(outcome, labels, run_dir, memory_mb):
             where += f" ({_clean(cell['first_line'], run_dir, 60)})"
         error = _clean(": ".join(t for t in (cell["ename"], cell["evalue"])
                                  if t), run_dir)
-        if cell["timed_out"]:
-            conditions.add("timeout")
-            row.notes.append(f"{where} ran past the time limit and was "
-                             "interrupted")
-        elif ("MemoryError" in cell["ename"]
-              or "can't allocate memory" in cell["evalue"]):
-            conditions.add("memory limit")
-            row.notes.append(f"{where} ran out of memory ({memory_mb} MB "
-                             f"allowed): {error}")
-        else:
-            conditions.add("cell errors")
-            row.notes.append(f"{where} raised {error}")
+        status, note = _cell_condition(cell, where, error, memory_mb)
+        conditions.add(status)
+        row.notes.append(note)
+    if report.get("skipped"):
+        conditions.add("timeout")
+        row.notes.append(f"{report['skipped']} cell(s) did not run: the "
+                         f"time limit ({_num(timeout or 0)} s for all "
+                         "cells) was spent")
     kernel = report["kernel"]
     if kernel == "killed at time limit":
         conditions.add("timeout")
@@ -783,8 +1268,8 @@ def _judge(outcome, labels, run_dir, memory_mb):
     for cell in report["recorder_errors"]:
         conditions.add("grader error")
         row.notes.append(_clean(
-            f"the grader could not record answers: {cell['ename']}: "
-            f"{cell['evalue']}", run_dir))
+            "the grader could not record answers: " + ": ".join(
+                t for t in (cell["ename"], cell["evalue"]) if t), run_dir))
     row.status = next(s for s in STATUSES
                       if s in conditions or s == "ok")
     for name in outcome["expected"]:
@@ -796,12 +1281,38 @@ def _judge(outcome, labels, run_dir, memory_mb):
             evidence = {"exercise": name, "attempted": False,
                         "message": "no answer was recorded: the notebook "
                                    "stopped before this exercise"}
-        result = exercise.grade(evidence, labels.get(name))
+        result = exercise.grade(evidence, heldout.get(name))
         row.results[name] = exercises.Result(
             result.exercise, result.status,
             _clean(result.message, run_dir, limit=600), result.points,
             result.max_points)
     return row
+
+
+def _count_once(rows):
+    """Credit each learner's exercise once, in their best notebook."""
+    from tlhelpers import exercises
+
+    def rank(row, result):
+        home = Path(row.file).stem == exercises.get(result.exercise).notebook
+        return (result.points, home)
+
+    best = {}
+    for row in rows:
+        for name, result in row.results.items():
+            key = (row.student, name)
+            if key not in best or rank(row, result) > rank(*best[key]):
+                best[key] = (row, result)
+    for row in rows:
+        for name, result in list(row.results.items()):
+            home, _ = best[(row.student, name)]
+            if home is row:
+                continue
+            row.notes.append(f"{name} is also answered in {home.file}: "
+                             "counted once, there")
+            row.results[name] = exercises.Result(
+                result.exercise, result.status, result.message, 0.0, 0.0)
+    return rows
 
 
 def _ungraded_row(outcome):
@@ -812,7 +1323,7 @@ def _ungraded_row(outcome):
 
 def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
           memory_mb=DEFAULT_MEMORY_MB, jobs=None, seed=None, progress=True,
-          feedback_dir=None):
+          feedback_dir=None, sandbox=True):
     """Grade notebooks (or folders of notebooks) into a Gradebook.
 
     Args:
@@ -820,39 +1331,58 @@ def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
         out: the gradebook CSV to write (atomically), with a feedback
             file per learner in ``<out stem>_feedback/``; None writes
             nothing.
-        timeout: seconds a notebook's own cells may take in all; a cell
-            past it is interrupted, then killed.
-        memory_mb: memory a notebook's kernel may allocate.
+        timeout: seconds a notebook's own cells may take in all (0: no
+            limit); the cell running when it is spent is interrupted,
+            then killed, and the learner's cells after it are skipped.
+        memory_mb: memory a notebook's kernel may allocate (at least
+            MIN_MEMORY_MB).
         jobs: notebooks run at once (default: default_jobs()).
-        seed: the seed of the held-out images (default
-            exercises.GRADING_SEED); choose your own to keep it private.
+        seed: the seed of the held-out images; None draws a secret one.
+        sandbox: run each kernel in a bubblewrap sandbox; raises
+            SandboxUnavailable where there is none. False runs kernels
+            as this user, with a warning.
 
     Returns:
         the Gradebook, rows sorted by learner and file.
     """
     from tqdm.auto import tqdm
 
-    from tlhelpers import exercises
-
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    if not int(memory_mb) >= 256:
-        raise ValueError(f"memory_mb must be at least 256, got {memory_mb}")
+    if timeout is None or not float(timeout) >= 0:
+        raise ValueError(f"timeout must be >= 0 seconds (0: no limit), got "
+                         f"{timeout}")
+    if not int(memory_mb) >= MIN_MEMORY_MB:
+        raise ValueError(
+            f"memory_mb must be at least {MIN_MEMORY_MB} (what a course "
+            f"kernel with a model needs), got {memory_mb}")
     jobs = default_jobs(memory_mb) if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    seed = exercises.GRADING_SEED if seed is None else int(seed)
+    seed_kind = "drawn" if seed is None else "given"
+    seed = secrets.randbelow(2**31) if seed is None else int(seed)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    subs = find_submissions([str(p) for p in paths])
+    skipped = []
+    subs = find_submissions([str(p) for p in paths], skipped)
+    for path, reason in skipped:
+        print(f"tlcourse grade: skipped {path}: {reason}", file=sys.stderr)
+    if sandbox:
+        problem = sandbox_problem()
+        if problem:
+            raise SandboxUnavailable(f"{problem}: {NO_SANDBOX_HELP}")
+    else:
+        warnings.warn("grading without a sandbox: learners' code runs as "
+                      "you, with your files and network; grade untrusted "
+                      "cohorts in the sandbox or a container",
+                      stacklevel=2)
     run_dir = Path(tempfile.mkdtemp(prefix="tlcourse-grade-"))
     running, lock = set(), threading.Lock()
     try:
-        heldout_dir = run_dir / "heldout"
-        labels = _write_heldout(heldout_dir, seed)
-        settings = {"run_dir": run_dir, "heldout_dir": heldout_dir,
+        heldout = _HeldOut(run_dir / "heldout", seed)
+        settings = {"run_dir": run_dir, "heldout": heldout,
                     "timeout": float(timeout), "memory_mb": int(memory_mb),
-                    "threads": max(1, (os.cpu_count() or 1) // jobs)}
+                    "threads": max(1, (os.cpu_count() or 1) // jobs),
+                    "sandbox": bool(sandbox),
+                    "read_only": _read_only_paths() if sandbox else []}
         rows = {}
         bar = tqdm(total=len(subs), desc="grading", unit="notebook",
                    disable=not progress)
@@ -865,7 +1395,8 @@ def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
                     sub = futures[future]
                     try:
                         outcome, seconds = future.result()
-                        row = _judge(outcome, labels, run_dir, memory_mb)
+                        row = _judge(outcome, heldout, run_dir, memory_mb,
+                                     timeout)
                     except Exception as err:
                         row = _ungraded_row({"sub": sub})
                         row.notes.append(_clean(
@@ -879,67 +1410,120 @@ def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
                 for future in futures:
                     future.cancel()
                 with lock:
-                    for pid in list(running):
-                        _kill_tree(pid)
+                    for handle in list(running):
+                        _kill_tree(*handle)
                 raise
         bar.close()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+    from tlhelpers import exercises
+
+    ordered = _count_once([rows[s] for s in subs])
     names = [n for n in exercises.EXERCISES
-             if any(n in row.results for row in rows.values())]
-    book = Gradebook(names, [rows[s] for s in subs])
+             if any(n in row.results for row in ordered)]
+    book = Gradebook(names, ordered, seed=seed_kind, skipped=skipped)
     if out is not None:
         book.write(out, feedback_dir)
     return book
 
 
-def _write_heldout(folder, seed):
-    """Save each held-out image set (no labels); return the labels."""
-    import torch
+class _HeldOut:
+    """The held-out sets of a run, drawn when a notebook first needs one.
 
-    from tlhelpers import exercises
+    Images go to ``folder/<exercise>.pt`` (copied to each notebook);
+    labels and the seed stay in the grading process's memory.
+    """
 
-    folder.mkdir(parents=True)
-    labels = {}
-    for exercise in exercises.EXERCISES.values():
+    def __init__(self, folder, seed):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True)
+        self._seed = seed
+        self._sets = {}
+        self._lock = threading.Lock()
+
+    def file(self, name):
+        """Return the images file of an exercise, drawing it if needed."""
+        self.get(name)
+        return self.folder / f"{name}.pt"
+
+    def get(self, name, default=None):
+        """Return (PIL images, labels), or default if not graded so."""
+        import torch
+
+        from tlhelpers import exercises
+
+        exercise = exercises.get(name)
         if exercise.task_spec is None:
-            continue
-        images, labels[exercise.name] = exercise.heldout(seed)
-        torch.save(images, folder / f"{exercise.name}.pt")
-    return labels
+            return default
+        with self._lock:
+            if name not in self._sets:
+                images, labels = exercise.heldout(self._seed)
+                torch.save(images, self.folder / f"{name}.pt")
+                self._sets[name] = (exercises._to_pil(images), labels)
+            return self._sets[name]
 
 
 # ------------------------------------------------------------------ CLI
+
+_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    graded: the gradebook was written (whatever the statuses)
+  {EXIT_WRITE}    the gradebook could not be written (an existing one is
+       left as it was)
+  {EXIT_USAGE}    bad arguments, a missing path or no notebooks found
+  {EXIT_NO_SANDBOX}    no sandbox on this machine ({NO_SANDBOX_HELP})
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); no gradebook was written
+"""
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 0 seconds (0: no limit), got {text}")
+    return value
 
 
 def build_parser():
     """Return the argument parser of `tlcourse grade`."""
     parser = argparse.ArgumentParser(
-        prog="tlcourse grade",
+        prog="tlcourse grade", epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Grade submitted notebooks into a gradebook CSV, with "
                     "a feedback file per learner. Each notebook runs in its"
-                    " own kernel with a time and a memory limit. This is "
-                    "not a sandbox: grade hostile cohorts in a container.")
+                    " own kernel, in a sandbox (bubblewrap), with a time "
+                    "and a memory limit.")
     parser.add_argument("submissions", nargs="+", metavar="SUBMISSION",
                         help="notebooks or folders of notebooks")
     parser.add_argument("--out", default="gradebook.csv",
                         help="gradebook CSV to write (default: "
                              "gradebook.csv); feedback goes to "
                              "<name>_feedback/ beside it")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="seconds a notebook's cells may take in all "
-                             f"(default: {DEFAULT_TIMEOUT})")
+    parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+                        metavar="S",
+                        help="seconds a notebook's own cells may take in "
+                             f"all; 0: no limit (default: {DEFAULT_TIMEOUT})")
     parser.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB,
-                        help="memory each notebook's kernel may allocate "
-                             f"(default: {DEFAULT_MEMORY_MB})")
+                        metavar="MB",
+                        help="memory each notebook's kernel may allocate, "
+                             f"at least {MIN_MEMORY_MB} (default: "
+                             f"{DEFAULT_MEMORY_MB})")
     parser.add_argument("--jobs", type=int, default=None,
                         help="notebooks graded at once (default: "
                              f"{default_jobs()} on this machine)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the held-out images (choose your "
-                             "own to keep them private)")
+                        help="seed of the held-out images, to regrade "
+                             "reproducibly (default: a secret one drawn "
+                             "for each run)")
     parser.add_argument("--feedback-dir", default=None,
                         help="folder for the feedback files")
+    parser.add_argument("--no-sandbox", action="store_true",
+                        help="run kernels without the sandbox, as you "
+                             "(only for a cohort you trust)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar")
     return parser
@@ -951,23 +1535,38 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
-        book = grade(args.submissions, out=args.out, timeout=args.timeout,
-                     memory_mb=args.memory_mb, jobs=args.jobs,
-                     seed=args.seed, progress=not args.no_progress,
-                     feedback_dir=args.feedback_dir)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if args.no_sandbox:
+                print("tlcourse grade: warning: grading without a sandbox:"
+                      " learners' code runs as you, with your files and "
+                      "network", file=sys.stderr)
+            book = grade(args.submissions, out=args.out,
+                         timeout=args.timeout, memory_mb=args.memory_mb,
+                         jobs=args.jobs, seed=args.seed,
+                         progress=not args.no_progress,
+                         feedback_dir=args.feedback_dir,
+                         sandbox=not args.no_sandbox)
+    except SandboxUnavailable as err:
+        print(f"tlcourse grade: {err}", file=sys.stderr)
+        return EXIT_NO_SANDBOX
     except (FileNotFoundError, ValueError) as err:
         print(f"tlcourse grade: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OSError as err:
         print(f"tlcourse grade: cannot write the gradebook ({err}); an "
               "existing gradebook was left as it was", file=sys.stderr)
-        return 1
+        return EXIT_WRITE
+    except KeyboardInterrupt:
+        print("tlcourse grade: interrupted; no gradebook was written",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(book)
     out = Path(args.out)
     feedback = args.feedback_dir or out.with_name(out.stem + "_feedback")
     print(f"\nwrote {out} ({len(book.rows)} notebooks) and feedback in "
           f"{feedback}/ in {time.monotonic() - start:.0f} s")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
