@@ -679,8 +679,8 @@ def build_parser():
 
     run = sub.add_parser(
         "run", help="execute the notebooks headless and build HTML",
-        **_parser_args("Execute the course notebooks in order, each in a fresh "
-        "kernel, and write them executed plus an HTML build with an index "
+        **_parser_args("Execute the course notebooks in order, each in a "
+        "fresh kernel, and write them executed plus an HTML build with an index "
         "page (status, duration, peak memory). Stops at the first failing "
         "notebook and exits 1 naming it and the cell.", "run"))
     run.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
