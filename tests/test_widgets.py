@@ -219,7 +219,7 @@ def test_explorer_groups_slider_only_counts_for_last_k_groups():
     assert not ex.groups.disabled
     ex.groups.value = 3
     assert "last 3 layer groups" in ex.plan.value
-    ex.strategy.value = "full fine-tuning"
+    ex.strategy.value = "naive fine-tuning"
     assert ex.groups.disabled and "every layer" in ex.plan.value
     assert ex.settings()["groups"] is None
 
@@ -267,7 +267,10 @@ def test_apply_strategy_freezes_the_right_groups():
     assert list(models.group_status(net).values()) == [False, False, True]
     widgets.apply_strategy(net, "last k groups", groups=2)
     assert list(models.group_status(net).values()) == [False, True, True]
-    widgets.apply_strategy(net, "full_fine_tuning")
+    widgets.apply_strategy(net, "naive_fine_tuning")
+    assert all(models.group_status(net).values())
+    widgets.apply_strategy(net, "head only")
+    widgets.apply_strategy(net, "full fine-tuning")   # the former name
     assert all(models.group_status(net).values())
     with pytest.raises(ValueError, match="between 1 and 3"):
         widgets.apply_strategy(net, "last k groups", groups=7)
@@ -309,3 +312,10 @@ def test_explorer_runs_a_real_short_training():
     assert ex.error is None, ex.error
     assert len(history.epochs) == 1 and ex.live.png[:4] == b"\x89PNG"
     assert ex.status.value.startswith("done: validation accuracy")
+
+
+def test_explorer_names_its_strategies_from_the_one_vocabulary():
+    from tlhelpers import strategies
+
+    assert widgets.STRATEGIES == tuple(
+        strategies.STRATEGIES[n].label for n in widgets.STRATEGY_NAMES)

@@ -891,9 +891,8 @@ def _bn_mode(modules):
     frozen = [getattr(b, "tlh_frozen_stats", False) for b in bns]
     if all(frozen):
         return "frozen stats"
-    if any(frozen):
-        return "mixed"
-    return "train stats" if any(b.training for b in bns) else "eval"
+    # what the statistics do whenever the model trains
+    return "mixed" if any(frozen) else "train stats"
 
 
 def trainable_summary(m, optimizer=None):

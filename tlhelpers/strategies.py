@@ -14,11 +14,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-from tqdm.auto import tqdm
-
-from tlhelpers import config, features, models, training
-from tlhelpers.models import Table
+# The vocabulary is read by widgets and exercises, which must import
+# without torch; everything that trains imports it when called.
 
 
 @dataclass(frozen=True)
@@ -65,6 +62,8 @@ RENAMED = {"full_fine_tuning": "naive_fine_tuning"}
 
 # Measured defaults of the careful recipe: FIGURES_PENDING
 WARMUP_EPOCHS = 1
+# models.DEFAULT_BN_STATS, spelled out so this module imports without torch
+BN_STATS_DEFAULT = "frozen"
 LR_MULT = 10.0
 SCHEDULES = (None, "one_cycle", "cosine")
 
@@ -84,6 +83,8 @@ def check_strategy(name):
 
 def describe():
     """Tabulate the strategies: what each does, trains, at which rates."""
+    from tlhelpers.models import Table
+
     return Table([{"strategy": s.name, "what": s.description,
                    "trains": s.trains, "rates": s.rates}
                   for s in STRATEGIES.values()],
@@ -100,6 +101,8 @@ def fine_tuning_schedule(model, lr, warmup_epochs=WARMUP_EPOCHS,
     The head trains alone for warmup_epochs, then every group joins at
     its discriminative rate: lr at the head, lr / lr_mult at the stem.
     """
+    from tlhelpers import models, training
+
     if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
         raise ValueError(f"warmup_epochs must be an int >= 0, got "
                          f"{warmup_epochs!r}")
@@ -111,6 +114,8 @@ def fine_tuning_schedule(model, lr, warmup_epochs=WARMUP_EPOCHS,
 
 
 def _scheduler(kind, optimizer, epochs, steps_per_epoch):
+    import torch
+
     if kind is None:
         return None
     if kind == "one_cycle":
@@ -125,7 +130,7 @@ def _scheduler(kind, optimizer, epochs, steps_per_epoch):
 
 def fine_tune(model, train_loader, val_loader=None, epochs=5, lr=1e-3,
               warmup_epochs=WARMUP_EPOCHS, lr_mult=LR_MULT, schedule=None,
-              bn_stats=models.DEFAULT_BN_STATS, weight_decay=0.01,
+              bn_stats=BN_STATS_DEFAULT, weight_decay=0.01,
               **fit_kwargs):
     """Fine-tune carefully in one call; return fit's History.
 
@@ -135,6 +140,8 @@ def fine_tune(model, train_loader, val_loader=None, epochs=5, lr=1e-3,
     None, "one_cycle" or "cosine" over all epochs. Other keywords go to
     fit.
     """
+    from tlhelpers import models, training
+
     if not warmup_epochs < epochs:
         raise ValueError(f"warmup_epochs ({warmup_epochs}) must be fewer "
                          f"than epochs ({epochs}), or the backbone never "
@@ -150,6 +157,8 @@ def fine_tune(model, train_loader, val_loader=None, epochs=5, lr=1e-3,
 def naive_fine_tune(model, train_loader, val_loader=None, epochs=5, lr=1e-3,
                     weight_decay=0.01, **fit_kwargs):
     """Train every layer from step one at one rate (the pitfall)."""
+    from tlhelpers import models, training
+
     models.unfreeze(model, bn_stats="frozen_groups")
     optimizer = models.make_optimizer(model, lr=lr,
                                       weight_decay=weight_decay)
@@ -174,6 +183,8 @@ class _PeakMemory:
         self.mb = None
 
     def __enter__(self):
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -194,6 +205,8 @@ class _PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        import torch
+
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
@@ -217,6 +230,8 @@ def _num_classes(dataset):
 
 
 def _build_model(model, weights, num_classes):
+    from tlhelpers import models
+
     if isinstance(model, str):
         return models.load_pretrained(model, num_classes=num_classes,
                                       weights=weights)
@@ -242,6 +257,10 @@ class _Budget:
 def _run_strategy(strategy, model, train, test, num_classes, budget, seed,
                   device):
     """Train one strategy; return (accuracy, trainable parameters)."""
+    import torch
+
+    from tlhelpers import config, features, models, training
+
     config.seed_everything(seed)
     b = budget
     if strategy == "feature_extraction":
@@ -302,7 +321,7 @@ def compare_strategies(train, test, model="efficientnet_lite0",
                        last_k=2, labels_per_class=None, probe="logistic",
                        seed=0, seeds=None, warmup_epochs=WARMUP_EPOCHS,
                        lr_mult=LR_MULT, schedule=None,
-                       bn_stats=models.DEFAULT_BN_STATS, device=None,
+                       bn_stats=BN_STATS_DEFAULT, device=None,
                        progress=True):
     """Train strategies on the same data and budget; tabulate, over seeds.
 
@@ -330,6 +349,10 @@ def compare_strategies(train, test, model="efficientnet_lite0",
         the peak growth of the process's resident memory, sampled).
         table.runs holds one row per run with its seed.
     """
+    from tqdm.auto import tqdm
+
+    from tlhelpers import config, models
+
     for name in strategies:
         check_strategy(name)
     seeds = _check_seeds([seed] if seeds is None else seeds)
@@ -374,6 +397,8 @@ def compare_strategies(train, test, model="efficientnet_lite0",
 
 
 def _summarise(runs, sizes, strategies, epochs, lr, last_k, n_seeds):
+    from tlhelpers.models import Table
+
     rows = []
     for k in sizes:
         for strategy in strategies:

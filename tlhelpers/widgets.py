@@ -13,9 +13,13 @@ import base64
 import sys
 
 from tlhelpers import plots
+from tlhelpers.strategies import RENAMED
+from tlhelpers.strategies import STRATEGIES as VOCABULARY
 
 MODES = ("auto", "display", "widget", "text")
-STRATEGIES = ("head only", "last k groups", "full fine-tuning")
+# The explorer's choices, named as in tlhelpers.strategies.
+STRATEGY_NAMES = ("head_only", "last_k", "naive_fine_tuning")
+STRATEGIES = tuple(VOCABULARY[n].label for n in STRATEGY_NAMES)
 
 __all__ = ["LivePlot", "training_explorer",
            "TrainingExplorer", "feature_map_browser", "FeatureMapBrowser",
@@ -226,14 +230,15 @@ class LivePlot:
 
 def _strategy_key(strategy):
     key = str(strategy).strip().lower().replace("-", "_").replace(" ", "_")
-    return {"last_k_groups": "last_k"}.get(key, key)
+    key = {"last_k_groups": "last_k"}.get(key, key)
+    return RENAMED.get(key, key)
 
 
 def apply_strategy(model, strategy, groups=None):
     """Freeze a model for a strategy: "head only", "last k groups" (the
-    last `groups` layer groups, head included) or "full fine-tuning".
+    last `groups` layer groups, head included) or "naive fine-tuning".
 
-    training's names (head_only, last_k, full_fine_tuning) work too.
+    The vocabulary's names (head_only, last_k, naive_fine_tuning) work too.
     """
     from tlhelpers import models
 
@@ -247,7 +252,7 @@ def apply_strategy(model, strategy, groups=None):
                              f"{total} (this model's group count), got "
                              f"{groups!r}")
         models.freeze_to(model, -groups)
-    elif key == "full_fine_tuning":
+    elif key == "naive_fine_tuning":
         models.unfreeze(model)
     else:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of "
@@ -365,11 +370,11 @@ class TrainingExplorer:
         what = {"head only": "only the new head",
                 "last k groups": f"the last {s['groups']} layer groups "
                                  "(head included)",
-                "full fine-tuning": "every layer"}[s["strategy"]]
+                STRATEGIES[2]: "every layer"}[s["strategy"]]
         self.plan.value = (f"Will train <b>{what}</b> of "
                            f"<code>{s['backbone']}</code> at learning rate "
                            f"<b>{s['lr']:.1e}</b>; the rest stays frozen."
-                           if s["strategy"] != "full fine-tuning" else
+                           if s["strategy"] != STRATEGIES[2] else
                            f"Will train <b>every layer</b> of "
                            f"<code>{s['backbone']}</code> at learning rate "
                            f"<b>{s['lr']:.1e}</b>.")
