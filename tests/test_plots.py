@@ -476,6 +476,32 @@ def test_strategy_comparison_averages_repeated_runs():
     assert " 60.0%" in [t.get_text() for t in fig.axes[0].texts]
 
 
+def _seed_rows():
+    """Rows as compare_strategies(seeds=[0, 1, 2]) summarises them."""
+    return [{"strategy": "fine_tuning", "labels_per_class": k,
+             "accuracy": acc, "accuracy_min": acc - 0.1,
+             "accuracy_max": acc + 0.05}
+            for k, acc in ((5, 0.6), (10, 0.8))]
+
+
+def test_strategy_comparison_draws_the_spread_across_seeds():
+    fig = plots.plot_strategy_comparison(_seed_rows())
+    ax = fig.axes[0]
+    segments = [seg for coll in ax.collections
+                for seg in coll.get_segments()]
+    assert segments, "an error bar"
+    xs = sorted(x for seg in segments for x, _ in seg)
+    assert xs[0] == pytest.approx(0.7) and xs[-1] == pytest.approx(0.85)
+
+
+def test_learning_curves_draw_the_spread_as_a_band():
+    fig = plots.plot_learning_curves(_seed_rows())
+    ax = fig.axes[0]
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(0.5)
+    assert band[:, 1].max() == pytest.approx(0.85)
+
+
 def test_strategy_comparison_explains_a_missing_column():
     with pytest.raises(ValueError, match="strategy column"):
         plots.plot_strategy_comparison([{"accuracy": 0.5}])

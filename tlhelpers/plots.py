@@ -1298,6 +1298,23 @@ def _pretty(name):
     return str(name).replace("_", " ")
 
 
+def _mean_spread(rows, key):
+    """Return (mean, below, above): the spread across seeds, as offsets.
+
+    Rows from compare_strategies(seeds=...) carry key_min and key_max;
+    repeated rows (one per seed) give their own minimum and maximum.
+    """
+    mean, _ = _mean_std(r.get(key) for r in rows)
+    lows = [_float(r[f"{key}_min"]) for r in rows if f"{key}_min" in r]
+    highs = [_float(r[f"{key}_max"]) for r in rows if f"{key}_max" in r]
+    if not lows:
+        vals = [_float(r.get(key)) for r in rows]
+        lows = highs = [v for v in vals if np.isfinite(v)]
+    if not lows or not np.isfinite(mean):
+        return mean, 0.0, 0.0
+    return mean, max(mean - min(lows), 0.0), max(max(highs) - mean, 0.0)
+
+
 def _mean_std(values):
     vals = np.array([_float(v) for v in values])
     vals = vals[np.isfinite(vals)]
@@ -1322,7 +1339,8 @@ def plot_strategy_comparison(table, metric="accuracy",
 
     Also draws the trainable parameters and wall time when the table has
     them (the cost side of each strategy). Repeated rows of one strategy
-    (seeds) are averaged, with the spread as an error bar; when the table
+    (seeds) are averaged, with the spread (min to max, or the table's
+    accuracy_min and accuracy_max) as an error bar; when the table
     spans several labels-per-class values, the largest one is shown (see
     plot_learning_curves for all of them).
 
@@ -1353,10 +1371,12 @@ def plot_strategy_comparison(table, metric="accuracy",
     axes = list(axes[0])
     y = np.arange(len(names))[::-1]
     for p_i, (ax, key) in enumerate(zip(axes, panels)):
-        stats = [_mean_std(r.get(key) for r in rows if r[skey] == n)
+        # the spread across seeds (min to max) as error bars
+        stats = [_mean_spread([r for r in rows if r[skey] == n], key)
                  for n in names]
-        means = np.array([m for m, _ in stats])
-        errs = np.array([s for _, s in stats])
+        means = np.array([m for m, _, _ in stats])
+        errs = np.array([[lo for _, lo, _ in stats],
+                         [hi for _, _, hi in stats]])
         color = PALETTE[0] if p_i == 0 else PALETTE[5 if p_i == 1 else 1]
         # Parameter counts span orders of magnitude (a head has thousands,
         # the whole network millions): only a log axis shows both.
@@ -1391,7 +1411,7 @@ def plot_strategy_comparison(table, metric="accuracy",
         elif log:
             ax.set_xlim(1, np.nanmax(means) * 30)
         else:
-            top = np.nanmax(np.append(means + errs, 0))
+            top = np.nanmax(np.append(means + errs[1], 0))
             ax.set_xlim(0, top * 1.3 if top > 0 else 1)
         ax.set_xlabel({"trainable_params": "trainable parameters (log)",
                        "seconds": "wall time (s)",
@@ -1427,16 +1447,17 @@ def plot_learning_curves(table, x=None, metric="accuracy", chance=None,
     for i, name in enumerate(names):
         mine = [r for r in rows if r[skey] == name and r.get(xkey) is not None]
         xs = sorted({_float(r[xkey]) for r in mine})
-        stats = [_mean_std(r.get(metric) for r in mine
-                           if _float(r[xkey]) == v) for v in xs]
-        ys = np.array([m for m, _ in stats])
-        sd = np.array([s for _, s in stats])
+        stats = [_mean_spread([r for r in mine if _float(r[xkey]) == v],
+                              metric) for v in xs]
+        ys = np.array([m for m, _, _ in stats])
+        below = np.array([lo for _, lo, _ in stats])
+        above = np.array([hi for _, _, hi in stats])
         color = PALETTE[i % len(PALETTE)]
         ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], color=color,
                 label=_pretty(name))
-        if sd.any():
-            ax.fill_between(xs, ys - sd, ys + sd, color=color, alpha=0.15,
-                            linewidth=0)
+        if below.any() or above.any():  # the spread across seeds
+            ax.fill_between(xs, ys - below, ys + above, color=color,
+                            alpha=0.15, linewidth=0)
         all_x += xs
         all_y.append(ys)
     ticks = sorted(set(all_x))
