@@ -325,3 +325,23 @@ def test_fine_tuning_runs_start_every_recipe_from_the_same_model(untrained):
                                   epochs=1)
     assert [r["seed"] for r in table] == [0, 1]
     assert torch.equal(untrained.model.head.weight, before)
+
+
+@pytest.mark.slow
+def test_compare_strategies_runs_the_text_model_unchanged(pretrained):
+    from tlhelpers.strategies import compare_strategies
+
+    tok = pretrained.transform
+    train = tiny_text(tok, n_per_class=2)
+    test = tiny_text(tok, n_per_class=2, split="test")
+    table = compare_strategies(
+        train, test, model=NAME,
+        strategies=("feature_extraction", "from_scratch"), epochs=1,
+        batch_size=4, progress=False)
+    rows = {r["strategy"]: r for r in table}
+    assert set(rows) == {"feature_extraction", "from_scratch"}
+    assert all(0 <= r["accuracy"] <= 1 for r in rows.values())
+    # A linear probe trains 384 x 4 weights and 4 biases; from scratch,
+    # every parameter of the encoder.
+    assert rows["feature_extraction"]["trainable_params"] == 384 * 4 + 4
+    assert rows["from_scratch"]["trainable_params"] > 22_000_000

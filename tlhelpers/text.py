@@ -386,7 +386,7 @@ def fine_tuning_runs(model, recipes, pool, test, labels_per_class, seeds,
 
     Args:
         model: the Pretrained (text or image) every run starts from; it is
-            copied, never changed.
+            copied, never changed. Every run starts from its weights.
         recipes: {name: function(pretrained copy, epochs) -> (optimizer,
             unfreezing or None)}; the function freezes what it wants and
             builds the optimizer, exactly as in the notebook.
@@ -401,16 +401,20 @@ def fine_tuning_runs(model, recipes, pool, test, labels_per_class, seeds,
 
     from tlhelpers import config, training
     from tlhelpers.data import few_shot
-    from tlhelpers.models import Table, get_head
+    from tlhelpers.models import Table, as_module, get_head
 
     test_loader = torch.utils.data.DataLoader(test, batch_size=64)
+    # One working copy, reset before every run: a fresh copy per run
+    # would leave the freed ones to fragment the memory of a small kernel.
+    run = copy.deepcopy(model)
+    net, start_state = as_module(run), as_module(model).state_dict()
     rows = []
     for k in labels_per_class:
         for seed in seeds:
             subset = few_shot(pool, k, seed=seed)
             for name, recipe in recipes.items():
                 start = time.perf_counter()
-                run = copy.deepcopy(model)
+                net.load_state_dict(start_state)
                 config.seed_everything(seed)
                 get_head(run).reset_parameters()  # a new head every run
                 optimizer, unfreezing = recipe(run, epochs)
@@ -424,7 +428,10 @@ def fine_tuning_runs(model, recipes, pool, test, labels_per_class, seeds,
                 rows.append({"strategy": name, "labels_per_class": k,
                              "seed": seed, "accuracy": accuracy,
                              "seconds": time.perf_counter() - start})
-                del run, optimizer
+                del optimizer, unfreezing
+                for p in net.parameters():
+                    p.grad = None
+    del run, net
     return Table(rows, title=f"Fine-tuning recipes ({epochs} epochs)")
 
 
@@ -455,3 +462,12 @@ def lookup(summary, strategy, labels_per_class=None, column="mean"):
             return row[column]
     raise KeyError(f"no row for strategy {strategy!r} with "
                    f"labels_per_class={labels_per_class!r}")
+
+
+def pretrained_state():
+    """Return the shipped weights as TextClassifier state_dict entries."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(minilm_folder() / MINILM_WEIGHTS))
+    return {f"encoder.{k}": v for k, v in state.items()
+            if not k.startswith("pooler.") and not k.endswith("position_ids")}
