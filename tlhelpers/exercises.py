@@ -1253,10 +1253,12 @@ class Capstone(Exercise):
         "final_model = ...  # YOUR CODE\n")
     hint_text = (
         "Two phases. 1: final_model = load_pretrained(..., num_classes="
-        "len(train.classes)); freeze(final_model); fit the head for a few "
-        "epochs with make_optimizer(final_model, lr=1e-3). 2: "
-        "freeze_to(final_model, -3) (or unfreeze) and fit again with "
-        "make_optimizer(final_model, lr=3e-4, lr_mult=10).")
+        "len(train.classes)); freeze(final_model, bn_stats='frozen') "
+        "(BatchNorm statistics fixed in every group, as in notebook 03); "
+        "fit the head for a few epochs with make_optimizer(final_model, "
+        "lr=1e-3). 2: freeze_to(final_model, -3) (or unfreeze; the "
+        "policy stays) and fit again with make_optimizer(final_model, "
+        "lr=3e-4, lr_mult=10).")
     solution_code = textwrap.dedent("""\
         from tlhelpers import exercises
         from tlhelpers.config import by_mode
@@ -1278,12 +1280,14 @@ class Capstone(Exercise):
             with_transform(capstone_train, final_model.train_transform),
             with_transform(capstone_val, final_model.transform),
             batch_size=16)
-        # Phase 1: the new head learns on frozen pretrained features.
-        freeze(final_model)
+        # Phase 1: the new head learns on frozen pretrained features;
+        # BatchNorm statistics stay fixed in every group (notebook 03).
+        freeze(final_model, bn_stats="frozen")
         fit(final_model, *capstone_loaders,
             make_optimizer(final_model, lr=1e-3), epochs=by_mode(5, 3),
             progress=False)
-        # Phase 2: fine-tune the top of the backbone, more gently.
+        # Phase 2: fine-tune the top of the backbone, more gently (the
+        # model keeps its bn_stats policy).
         freeze_to(final_model, -3)
         fit(final_model, *capstone_loaders,
             make_optimizer(final_model, lr=3e-4, lr_mult=10),
