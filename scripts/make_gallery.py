@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from tlhelpers import config, data, features, models, plots, training
+from tlhelpers import (config, data, features, models, plots, strategies,
+                       training)
 from tlhelpers.widgets import LivePlot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +138,7 @@ def main(argv=None):
         schedule = training.GradualUnfreezing(
             ["head", "neck", "stage7", "stage6"], lr=2e-3, factor=2.6)
         history = training.fit(pre, train_loader, val_loader,
-                               models.make_optimizer(pre, lr=2e-3), EPOCHS,
+                               schedule.make_optimizer(pre), EPOCHS,
                                unfreezing=schedule, device=device,
                                progress=False,
                                live=LivePlot(mode="text", epochs=EPOCHS))
@@ -173,10 +174,10 @@ def main(argv=None):
             "predictions")
 
     with section("strategies and learning curves"):
-        table = training.compare_strategies(
+        table = strategies.compare_strategies(
             pool, test, model=BACKBONE,
             strategies=("from_scratch", "feature_extraction", "head_only",
-                        "full_fine_tuning"),
+                        "fine_tuning"),
             epochs=3, lr=1e-3, batch_size=16,
             labels_per_class=LABELS_PER_CLASS, device=device,
             progress=False)
