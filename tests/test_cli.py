@@ -254,7 +254,8 @@ def test_doctor_warns_of_a_cuda_build_without_a_gpu_with_size_and_fix(
     assert note.todo.startswith("pip uninstall -y torch torchvision "
                                 "nvidia-cublas triton && pip install torch "
                                 "torchvision --index-url ")
-    assert note.todo.endswith(cli.CPU_INDEX) and "/cpu" in cli.CPU_INDEX
+    assert f'--index-url "${cli.CPU_INDEX_VARIABLE}"' in note.todo
+    assert "Pip and CPU" in note.todo
 
 
 @pytest.mark.parametrize("cuda, gpu", [(None, False), ("13.0", True)])

@@ -29,8 +29,10 @@ FALLBACK_BACKBONE = "efficientnet_lite0"
 SHOWN_VERSIONS = ("torch", "torchvision", "timm", "numpy", "ipywidgets",
                   "jupyterlab")
 TODO_INSTALL = "in the course folder run: pip install -e ."
-# PyTorch's own index of CPU-only wheels (the README's CPU route).
-CPU_INDEX = "$TORCH_CPU_INDEX"
+# PyTorch's own index of CPU-only wheels (the README's CPU route): its
+# address is the --index-url that PyTorch's "Get started" selector prints
+# for Pip and CPU. The course names no index host; the learner sets it.
+CPU_INDEX_VARIABLE = "TORCH_CPU_INDEX"
 # A fresh venv of the course with the CPU build, as measured for the
 # README (Linux, Python 3.11, `pip install -e ".[lab]"`: 1.83 GB).
 CPU_VENV_GB = 1.8
@@ -374,7 +376,9 @@ def check_torch_build(report, torch, gpu_found, distributions=None):
         f"{CPU_VENV_GB} GB)",
         "pip uninstall -y torch torchvision "
         + (names + " " if names else "")
-        + f"&& pip install torch torchvision --index-url {CPU_INDEX}")
+        + "&& pip install torch torchvision --index-url "
+        f'"${CPU_INDEX_VARIABLE}" (set {CPU_INDEX_VARIABLE} to the '
+        "--index-url PyTorch's Get started page gives for Pip and CPU)")
     return build
 
 
