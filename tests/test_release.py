@@ -130,3 +130,25 @@ def test_fresh_venv_install_of_the_learner_wheel_holds_no_solution(
         cwd=tmp_path).stdout
     assert str(installed) in shown
     assert "withheld" in shown
+
+
+def test_tlcourse_release_refuses_a_used_folder_with_exit_1(tmp_path,
+                                                             capsys):
+    from tlhelpers import cli
+
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "x").write_text("x")
+    assert cli.main(["release", str(out)]) == 1
+    assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tlcourse_release_writes_the_folder(tmp_path, capsys):
+    from tlhelpers import cli
+
+    out = tmp_path / "cohort"
+    assert cli.main(["release", str(out), "--course", str(ROOT)]) == 0
+    said = capsys.readouterr().out
+    assert "solutions withheld" in said and "pip install" in said
+    assert (out / release.MANIFEST).is_file()

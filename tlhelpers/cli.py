@@ -628,6 +628,24 @@ def cmd_grade(argv):
     return 0 if code is None else int(code)
 
 
+def cmd_release(args):
+    """Write a cohort release: notebooks and a learner wheel."""
+    release = _import_for("release", "tlhelpers.release")
+    if release is None:
+        return 2
+    try:
+        manifest = release.release(args.out, course=args.course)
+    except release.ReleaseError as exc:
+        print(f"tlcourse release: {exc}", file=sys.stderr)
+        return 1
+    print(f"cohort release written to {args.out}: "
+          f"{len(manifest['notebooks'])} notebooks, {manifest['wheel']} "
+          f"(solutions withheld: {len(manifest['exercises'])} exercises)")
+    print(f"learners install it with: pip install "
+          f"'{Path(args.out) / manifest['wheel']}[lab]'")
+    return 0
+
+
 def _seconds(text):
     try:
         value = float(text)
@@ -653,6 +671,10 @@ EXIT_CODES = {
     "doctor": [(0, "the course can run here (notes may follow)"),
                (1, "a problem stops the course (see \"problems\")"),
                (2, "usage error")],
+    "release": [(0, "the release was written"),
+                (1, "it could not be made (the reason is printed; nothing "
+                    "was written)"),
+                (2, "usage error")],
     "prefetch": [(0, "every backbone is ready offline"),
                  (1, "a backbone failed, or TLH_OFFLINE is set"),
                  (2, "usage error")],
@@ -733,6 +755,20 @@ def build_parser():
     pre.add_argument("names", nargs="+", metavar="NAME",
                      help="backbone names, e.g. resnet18")
     pre.set_defaults(handler=cmd_prefetch)
+
+    rel = sub.add_parser(
+        "release", help="write a cohort release without solutions",
+        **_parser_args("Write what learners of a graded cohort get into the "
+        "new folder OUT: the notebooks as shipped and a wheel of tlhelpers "
+        "whose exercises keep their hints but withhold the reference "
+        "solutions. Your own install keeps them (tlcourse run --solutions, "
+        "tlcourse grade).", "release"))
+    rel.add_argument("out", metavar="OUT",
+                     help="a new (or empty) folder for the release")
+    rel.add_argument("--course", metavar="DIR",
+                     help="the course's source folder (default: the clone "
+                     "this tlhelpers is installed from)")
+    rel.set_defaults(handler=cmd_release)
 
     # Listed for --help only: main() hands `grade` arguments over untouched.
     sub.add_parser(
