@@ -421,13 +421,6 @@ def test_cgroup_memory_reads_a_v1_limit(tmp_path):
     assert cli.cgroup_memory(tmp_path) == (1000, 10)
 
 
-def test_cgroup_cpus_reads_a_quota(tmp_path):
-    (tmp_path / "cpu.max").write_text("200000 100000\n")
-    assert cli.cgroup_cpus(tmp_path) == 2.0
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert cli.cgroup_cpus(tmp_path) is None
-
-
 def test_folder_size_adds_up_the_files(tmp_path):
     (tmp_path / "a").write_bytes(b"x" * 1000)
     (tmp_path / "sub").mkdir()

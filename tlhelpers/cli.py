@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import tlhelpers
 from tlhelpers import runner
+from tlhelpers.kernels import usable_cores
 
 # tlhelpers.config imports torch (seconds): the commands import it when
 # they need it, so --help and grade start at once.
@@ -156,34 +157,6 @@ def cgroup_memory(root="/sys/fs/cgroup"):
             return None
         return int(limit), usage
     return None
-
-
-def cgroup_cpus(root="/sys/fs/cgroup"):
-    """Return the container's CPU quota in cores (e.g. 2.0), or None."""
-    root = Path(root)
-    try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        return None if quota <= 0 else quota / period
-    except (OSError, ValueError):
-        return None
-
-
-def usable_cores():
-    """Return how many CPU cores this process may really use."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpus()
-    if quota is not None:
-        cores = min(cores, max(1, int(quota)))
-    return cores
 
 
 def folder_size(path):

@@ -28,6 +28,8 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
 # (not a fresh mmap each time), and up to 256 MB of freed heap is kept.
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
              "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
+# Off: see benchmarks/bench_allocator.py for the figures behind the choice.
+ALLOCATOR_ON = False
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -73,6 +75,15 @@ def thread_env(threads=None, wait_policy=WAIT_POLICY):
     env = {name: str(threads) for name in THREAD_VARIABLES}
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy
+    return env
+
+
+def runtime_env(threads=None):
+    """Return the variables a course kernel starts with (threads, waiting,
+    and the allocator where ALLOCATOR_ON)."""
+    env = thread_env(threads)
+    if ALLOCATOR_ON:
+        env.update(ALLOCATOR)
     return env
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from tlhelpers import files
+from tlhelpers import files, kernels
 
 # NN_snake_case.ipynb, the course's naming rule for its notebooks.
 NOTEBOOK_NAME = re.compile(r"^\d{2}_[A-Za-z0-9_]+\.ipynb$")
@@ -137,6 +137,9 @@ def kernel_env(environ=None, smoke=False, solutions=False):
     env["MPLBACKEND"] = INLINE_BACKEND
     # Silences the debugger's frozen-modules warning on every kernel start.
     env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    # Threads and OpenMP waiting (tlhelpers.kernels); a value set wins.
+    for key, value in kernels.runtime_env().items():
+        env.setdefault(key, value)
     return env
 
 
