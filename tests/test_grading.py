@@ -8,7 +8,6 @@ run."""
 
 import csv
 import io
-import json
 import os
 import secrets
 import shutil
@@ -101,8 +100,7 @@ EXPECTED = {
         ["the recording cell ran but wrote nothing for pick_strategy"]),
     # 3. The vandal cannot touch its own held-out copy or anyone else's.
     "vandal/02_feature_extraction.ipynb": (
-        {"linear_probe": "1"}, "1", "1", "ok",
-        ["the probe classifies"]),
+        {"linear_probe": "1"}, "1", "1", "ok", []),
     # 4. Honest work at the smallest memory limit accepted, scored here.
     "hana/06_capstone.ipynb": (
         {"capstone": "2"}, "2", "2", "ok",
@@ -266,6 +264,25 @@ def test_cheating_raises_no_score(graded):
     assert grace.results["discriminative_lrs"].points == 0
     source = (FIXTURES / "mallory" / "03_fine_tuning.ipynb").read_text()
     assert "real.Exercise.grade" in source and "correct" in source
+
+
+@pytest.mark.slow
+def test_accuracy_is_measured_by_the_grader_on_intact_heldout_copies(
+        graded):
+    """The vandal's own held-out copy survived its attack (its honest
+    probe is measured on it), and so did the canary's (no grader error);
+    the capstone's claimed accuracy and patched forward earn nothing."""
+    book, _, _ = graded
+    by_file = {r.file: r for r in book.rows}
+    probe = by_file["vandal/02_feature_extraction.ipynb"].results[
+        "linear_probe"]
+    assert probe.passed and "the probe classifies" in probe.message
+    assert "held-out images the checker drew" in probe.message
+    assert by_file["seed_thief/02_feature_extraction.ipynb"].status == (
+        "cell errors")
+    honest = by_file["hana/06_capstone.ipynb"].results["capstone"]
+    assert honest.passed and "final_model classifies" in honest.message
+    assert by_file["ivan/06_capstone.ipynb"].total == 0
 
 
 @pytest.mark.slow

@@ -145,9 +145,13 @@ def sandbox_problem():
     if bwrap is None:
         return "bubblewrap (bwrap) is not installed"
     try:
+        # The flags the kernels get, so a bwrap too old or too limited
+        # for them is found here, not in every notebook.
         probe = subprocess.run(
-            [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", "/",
-             "/", "--proc", "/proc", "--dev", "/dev", "true"],
+            [bwrap, "--unshare-all", "--die-with-parent", "--new-session",
+             "--cap-drop", "ALL", "--clearenv", "--ro-bind", "/", "/",
+             "--proc", "/proc", "--dev", "/dev", "--size", str(2**20),
+             "--tmpfs", "/tmp", "true"],
             capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"bwrap does not run ({err})"
