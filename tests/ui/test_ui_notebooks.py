@@ -86,10 +86,13 @@ def _change_strategy(cell):
         has_text="Will train").first
     plan.wait_for(state="visible")
     before = plan.inner_text()
-    cell.get_by_role("button", name="full fine-tuning").click()
+    # The last strategy trains every layer, whatever its label.
+    strategies = cell.locator(".widget-toggle-buttons button")
+    chosen = strategies.last.inner_text().strip()
+    strategies.last.click()
     _until(lambda: "every layer" in plan.inner_text(),
            "the plan to say 'every layer'")
-    return f"strategy -> full fine-tuning: plan {before!r} -> " \
+    return f"strategy -> {chosen}: plan {before!r} -> " \
            f"{plan.inner_text()!r}"
 
 

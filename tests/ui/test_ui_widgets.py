@@ -7,7 +7,8 @@ then changes a control and checks that the widget's output changed:
 - FeatureMapBrowser: move the stage slider; the drawing and the stage
   shown change.
 - TrainingExplorer: pick another strategy and a learning rate; the plan
-  says so. Press Run; training ends ("done") with a figure drawn.
+  says so. Press Run; training ends ("done") and the live plot under
+  it was redrawn for every epoch.
 - LivePlot: its figure is redrawn while `fit` runs (a MutationObserver in
   the page records every image drawn, and whether the cell was still
   running), and the saved notebook keeps the final figure.
@@ -173,7 +174,10 @@ def test_training_explorer_plan_follows_controls_and_run_trains(
         has_text="Will train").first
     plan.wait_for(state="visible")
     assert "only the new head" in plan.inner_text()
-    cell.get_by_role("button", name="full fine-tuning").click()
+    # The last strategy trains every layer, whatever its label.
+    strategies = cell.locator(".widget-toggle-buttons button")
+    chosen = strategies.last.inner_text().strip()
+    strategies.last.click()
     _wait_for(lambda: "every layer" in plan.inner_text(),
               "the plan to say 'every layer'")
     before_lr = plan.inner_text()
@@ -198,7 +202,7 @@ def test_training_explorer_plan_follows_controls_and_run_trains(
              and im["src"].startswith("data:image/png")]
     distinct = len(dict.fromkeys(drawn))
     _observed("training_explorer", {
-        "changed": "strategy -> full fine-tuning, learning rate one step "
+        "changed": f"strategy -> {chosen}, learning rate one step "
                    "down, Run pressed (2 epochs)",
         "plan": plan.inner_text(), "status": status.inner_text(),
         "figures_drawn_during_run": distinct})
