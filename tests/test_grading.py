@@ -939,3 +939,15 @@ def test_the_sandbox_binds_only_what_the_kernel_needs(tmp_path):
     assert f"{w}/python" not in text  # missing folders are not bound
     assert "--ro-bind / /" not in text and "--share-net" not in text
     assert argv[-3:] == ["--chdir", f"{w}/notebook", "--"]
+
+
+def test_a_kernel_gets_none_of_the_graders_environment(tmp_path,
+                                                       monkeypatch):
+    monkeypatch.setenv("INSTRUCTOR_TOKEN", "do-not-leak")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    env = grading._kernel_env(tmp_path, threads=1, sandbox=True)
+    assert "INSTRUCTOR_TOKEN" not in env
+    assert "do-not-leak" not in " ".join(env.values())
+    assert env["HOME"] == str(tmp_path / "home")
+    assert env["TORCH_HOME"] == str(tmp_path / "torch")
+    assert env["TLH_OFFLINE"] == "1"

@@ -856,14 +856,18 @@ def _read_only_paths():
     user_site = site.getusersitepackages()
     if isinstance(user_site, str):
         paths.add(user_site)
-    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-        "torch")
-    paths.add(torch_home)
+    paths.add(_torch_home())
     existing = sorted(p for p in paths if p and os.path.isdir(p)
                       and not p.startswith(("/usr", "/proc", "/dev")))
     # Outer folders first, so an inner bind is not hidden by an outer one.
     return sorted(existing, key=lambda p: p.count(os.sep))
+
+
+def _torch_home():
+    """Return where torch keeps downloaded weights for this user."""
+    return os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+        "torch")
 
 
 def _kernel_manager(spec):
@@ -1072,9 +1076,9 @@ def _kernel_env(work, threads, sandbox):
         PYDEVD_DISABLE_FILE_VALIDATION="1", OMP_NUM_THREADS=str(threads),
         MKL_NUM_THREADS=str(threads))
     env.setdefault("LANG", "C.UTF-8")
-    torch_home = os.environ.get("TORCH_HOME")
-    if torch_home:
-        env["TORCH_HOME"] = torch_home
+    # HOME is the notebook's own: point torch at the instructor's cache
+    # (read-only in the sandbox) so downloaded backbones still load.
+    env["TORCH_HOME"] = _torch_home()
     if sandbox:
         env["TLH_OFFLINE"] = "1"  # no network in there: do not wait for it
     return env
