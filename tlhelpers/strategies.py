@@ -60,7 +60,10 @@ NAMES = tuple(STRATEGIES)
 # Names used before this vocabulary, and what they are now.
 RENAMED = {"full_fine_tuning": "naive_fine_tuning"}
 
-# Measured defaults of the careful recipe: FIGURES_PENDING
+# Defaults of the careful recipe: one warm-up epoch for the head, and
+# lr_mult 10 (notebook 03's ratio of head to stem rate). They were not
+# tuned by a grid search; benchmarks/bench_strategies.py measures the
+# recipe with them (figures in models.DEFAULT_BN_STATS and the README).
 WARMUP_EPOCHS = 1
 # models.DEFAULT_BN_STATS, spelled out so this module imports without torch
 BN_STATS_DEFAULT = "frozen"
