@@ -324,7 +324,9 @@ def test_fine_tuning_runs_start_every_recipe_from_the_same_model(untrained):
                                   test, labels_per_class=[1], seeds=[0, 1],
                                   epochs=1)
     assert [r["seed"] for r in table] == [0, 1]
+    # The runs trained the model in place and put everything back.
     assert torch.equal(untrained.model.head.weight, before)
+    assert all(p.requires_grad for p in untrained.model.parameters())
 
 
 @pytest.mark.slow

@@ -382,11 +382,12 @@ def probe_learning_curves(feature_sets, pool, labels_per_class, seeds=(0,),
 
 def fine_tuning_runs(model, recipes, pool, test, labels_per_class, seeds,
                      epochs, batch_size=8):
-    """Fine-tune a fresh copy of `model` with each recipe; test each run.
+    """Fine-tune `model` with each recipe from its weights; test each run.
 
     Args:
-        model: the Pretrained (text or image) every run starts from; it is
-            copied, never changed. Every run starts from its weights.
+        model: the Pretrained (text or image) every run starts from. The
+            runs train it in place (memory is short) and restore its
+            weights and frozen groups at the end, also after an error.
         recipes: {name: function(pretrained copy, epochs) -> (optimizer,
             unfreezing or None)}; the function freezes what it wants and
             builds the optimizer, exactly as in the notebook.
@@ -396,42 +397,58 @@ def fine_tuning_runs(model, recipes, pool, test, labels_per_class, seeds,
     Returns:
         Table: strategy, labels_per_class, seed, accuracy, seconds.
     """
-    import copy
+    import tempfile
     import time
+    from pathlib import Path
 
     from tlhelpers import config, training
     from tlhelpers.data import few_shot
     from tlhelpers.models import Table, as_module, get_head
 
     test_loader = torch.utils.data.DataLoader(test, batch_size=64)
-    # One working copy, reset before every run: a fresh copy per run
-    # would leave the freed ones to fragment the memory of a small kernel.
-    run = copy.deepcopy(model)
-    net, start_state = as_module(run), as_module(model).state_dict()
+    net = as_module(model)
+    # The runs train `model` itself and put it back afterwards: a second
+    # copy in memory (plus gradients and AdamW's two buffers per weight)
+    # would not fit a 1.5 GB kernel. The starting weights wait on disk.
+    trainable = [p.requires_grad for p in net.parameters()]
+    was_training = net.training
     rows = []
-    for k in labels_per_class:
-        for seed in seeds:
-            subset = few_shot(pool, k, seed=seed)
-            for name, recipe in recipes.items():
-                start = time.perf_counter()
-                net.load_state_dict(start_state)
-                config.seed_everything(seed)
-                get_head(run).reset_parameters()  # a new head every run
-                optimizer, unfreezing = recipe(run, epochs)
-                loader = torch.utils.data.DataLoader(
-                    subset, batch_size=batch_size, shuffle=True,
-                    generator=torch.Generator().manual_seed(seed))
-                training.fit(run, loader, None, optimizer, epochs,
-                             progress=False, keep_best=False,
-                             unfreezing=unfreezing)
-                accuracy = training.evaluate(run, test_loader)["accuracy"]
-                rows.append({"strategy": name, "labels_per_class": k,
-                             "seed": seed, "accuracy": accuracy,
-                             "seconds": time.perf_counter() - start})
-                del optimizer, unfreezing
-                for p in net.parameters():
-                    p.grad = None
-    del run, net
+    with tempfile.TemporaryDirectory() as folder:
+        start_file = Path(folder) / "start.pt"
+        torch.save(net.state_dict(), start_file)
+
+        def restore():
+            net.load_state_dict(torch.load(start_file, weights_only=True))
+            for p, flag in zip(net.parameters(), trainable):
+                p.requires_grad_(flag)
+                p.grad = None
+
+        try:
+            for k in labels_per_class:
+                for seed in seeds:
+                    subset = few_shot(pool, k, seed=seed)
+                    for name, recipe in recipes.items():
+                        start = time.perf_counter()
+                        restore()
+                        config.seed_everything(seed)
+                        get_head(model).reset_parameters()  # a new head
+                        optimizer, unfreezing = recipe(model, epochs)
+                        loader = torch.utils.data.DataLoader(
+                            subset, batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+                        training.fit(model, loader, None, optimizer, epochs,
+                                     progress=False, keep_best=False,
+                                     unfreezing=unfreezing)
+                        accuracy = training.evaluate(
+                            model, test_loader)["accuracy"]
+                        rows.append({
+                            "strategy": name, "labels_per_class": k,
+                            "seed": seed, "accuracy": accuracy,
+                            "seconds": time.perf_counter() - start})
+                        del optimizer, unfreezing
+        finally:
+            restore()
+            net.train(was_training)
     return Table(rows, title=f"Fine-tuning recipes ({epochs} epochs)")
 
 
