@@ -766,10 +766,11 @@ BN_STATS = {
 }
 # Chosen by measurement (benchmarks/bench_strategies.py, Lite0 at 64 px,
 # batch 16, 4 epochs, 3 seeds, mean [min, max]): fine_tuning on near
-# photo shapes reached, at 5 labels per class, 91.6% [85.3, 97.3] with
-# "frozen" against 69.8% [59.7, 77.7] with "frozen_groups"; at 10 labels
-# per class 95.1% [90.7, 97.7] against 86.5% [82.3, 91.0]. Statistics
-# that follow small batches shift the features under the head.
+# photo shapes reached, at 5 labels per class, 91.7% [85.3, 97.3] with
+# "frozen", 69.8% [59.7, 77.7] with "frozen_groups" and 62.8% [61.3,
+# 64.0] with "train"; at 10 labels per class 95.1% [90.7, 97.7], 86.6%
+# [82.3, 91.0] and 82.8% [75.3, 89.0]. Statistics that follow small
+# batches shift the features under the head.
 DEFAULT_BN_STATS = "frozen"
 
 
