@@ -60,7 +60,7 @@ def _skip_unless_available():
     if os.environ.get("CI"):
         pytest.fail(f"CI needs the browser tests, but {reason}",
                     pytrace=False)
-    pytest.skip(f"browser tests need it: {reason}")
+    pytest.skip(f"browser tests: {reason}")
 
 
 # ---------------------------------------------------------------- processes
