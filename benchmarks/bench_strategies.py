@@ -60,6 +60,14 @@ def near_task(transform, pool_per_class=20, test_per_class=60):
     return materialise(pool, transform), materialise(test, transform)
 
 
+def _progress(table, suffix=""):
+    """Print each run as it finishes (a long benchmark shows its way)."""
+    for r in table.runs:
+        print(f"  run: {r['strategy']}{suffix}, {r['labels_per_class']} "
+              f"per class, seed {r['seed']}: {r['accuracy']:.1%}",
+              flush=True)
+
+
 def run(train, test, labels, seeds, args):
     """Return {(k, strategy label): (mean, min, max)} for one regime."""
     results = {}
@@ -70,10 +78,12 @@ def run(train, test, labels, seeds, args):
     plain = compare_strategies(
         train, test, strategies=["feature_extraction", "naive_fine_tuning"],
         **common)
+    _progress(plain)
     rows = list(plain)
-    for policy in models.BN_STATS:
+    for policy in args.policies:
         table = compare_strategies(train, test, strategies=["fine_tuning"],
                                    bn_stats=policy, **common)
+        _progress(table, f" ({policy})")
         for row in table:
             rows.append(dict(row, strategy=f"fine_tuning ({policy})"))
     for row in rows:
@@ -96,6 +106,11 @@ def main():
     parser.add_argument("--lr-mult", type=float, default=strategies.LR_MULT)
     parser.add_argument("--schedule", default=None,
                         choices=[s for s in strategies.SCHEDULES if s])
+    parser.add_argument("--policies", nargs="+", default=list(
+        models.BN_STATS), choices=list(models.BN_STATS),
+        help="BatchNorm policies to run fine_tuning with")
+    parser.add_argument("--regimes", nargs="+", default=["far", "near"],
+                        choices=["far", "near"])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -105,11 +120,14 @@ def main():
                                        image_size=IMAGE_SIZE).transform
     start = time.perf_counter()
     regimes = {}
-    train, test = far_task(transform)
-    regimes["far: digits"] = run(train, test, args.far_labels, seeds, args)
-    train, test = near_task(transform)
-    regimes["near: photo shapes"] = run(train, test, args.near_labels,
-                                        seeds, args)
+    if "far" in args.regimes:
+        train, test = far_task(transform)
+        regimes["far: digits"] = run(train, test, args.far_labels, seeds,
+                                     args)
+    if "near" in args.regimes:
+        train, test = near_task(transform)
+        regimes["near: photo shapes"] = run(train, test, args.near_labels,
+                                            seeds, args)
     print(f"{BACKBONE}, {IMAGE_SIZE} px, {args.epochs} epochs, lr "
           f"{args.lr:g}, batch {args.batch_size}; fine_tuning: warm-up "
           f"{args.warmup_epochs} epoch(s), lr_mult {args.lr_mult:g}, "
@@ -127,6 +145,8 @@ def main():
                 for mean, lo, hi in (results[k, name] for k in sizes))
             print(f"  {name:<30}{cells}")
         for k in sizes:
+            if (k, f"fine_tuning ({models.DEFAULT_BN_STATS})") not in results:
+                continue
             careful = results[k, f"fine_tuning ({models.DEFAULT_BN_STATS})"]
             for other in ("naive_fine_tuning", "feature_extraction"):
                 mean, lo, hi = results[k, other]
