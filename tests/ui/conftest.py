@@ -84,19 +84,16 @@ def _stop(proc, grace=10):
     """Stop a process and everything in its process group, by pid."""
     if proc is None:
         return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)  # the group the process leads
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait)
-            # The leader is gone; make sure no child outlived it.
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the group the process leads
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:  # whatever is left of the group, the leader or its children
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
 
 
 def _tail(log, n=3000):
