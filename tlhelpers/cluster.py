@@ -59,6 +59,11 @@ def _dask():
     return dask_config, distributed
 
 
+def require_dask():
+    """Raise ClusterError, saying what to install, if Dask is missing."""
+    _dask()
+
+
 @contextlib.contextmanager
 def connect(address, connect_timeout=30):
     """Yield a Dask Client for `address` ("local:N" starts a cluster).

@@ -102,7 +102,7 @@ STATUSES = ("invalid notebook", "not this course", "grader error",
             "edited checks", "ok")
 # Exit codes of `tlcourse grade` (its --help lists them).
 EXIT_OK, EXIT_WRITE, EXIT_USAGE, EXIT_NO_SANDBOX = 0, 1, 2, 3
-EXIT_INTERRUPTED = 130
+EXIT_UNGRADED, EXIT_CLUSTER, EXIT_INTERRUPTED = 4, 5, 130
 SKIPPED_FOLDERS = (".ipynb_checkpoints",)
 _COURSE_NOTEBOOK = re.compile(r"^\d\d_")
 _CHECK_CALL = re.compile(r"exercises\.([a-z_]+)\.check\(")
@@ -334,8 +334,12 @@ class Gradebook:
             names = {s: feedback_name(s, digits=64) for s in students}
         return names
 
-    def write(self, path, feedback_dir=None):
+    def write(self, path, feedback_dir=None, text=None):
         """Write the CSV (atomically) and one feedback file per learner.
+
+        Args:
+            text: the gradebook text to write (another format, see
+                tlhelpers.gradebook); None writes to_csv().
 
         Returns:
             the feedback files written.
@@ -350,12 +354,12 @@ class Gradebook:
         feedback_dir.mkdir(parents=True, exist_ok=True)
         written = []
         names = self.feedback_files()
-        for student, text in self.feedback().items():
+        for student, feedback in self.feedback().items():
             target = feedback_dir / names[student]
-            files.write_text(target, text)
+            files.write_text(target, feedback)
             written.append(target)
         # The gradebook last: it never points at feedback not yet written.
-        files.write_text(path, self.to_csv())
+        files.write_text(path, self.to_csv() if text is None else text)
         return written
 
     def feedback(self):
@@ -1166,8 +1170,7 @@ def _execute_submission(sub, index, settings, running, lock):
                 "notebook", "home", "cache", "ipc", "outbox")]}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    hard = (settings["timeout"] or 365 * 86400) + STARTUP_TIMEOUT + \
-        KILL_GRACE * 2 + 30 + COLLECT_TIMEOUT * (len(expected) + 1)
+    hard = notebook_limit(settings["timeout"], len(expected))
     killed = _run_worker(spec_path, work, hard, running, lock)
     try:
         outcome["report"] = json.loads((work / "report.json").read_text())
@@ -1331,7 +1334,7 @@ def _ungraded_row(outcome):
 
 def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
           memory_mb=DEFAULT_MEMORY_MB, jobs=None, seed=None, progress=True,
-          feedback_dir=None, sandbox=True):
+          feedback_dir=None, sandbox=True, dask=None, text=None):
     """Grade notebooks (or folders of notebooks) into a Gradebook.
 
     Args:
@@ -1349,6 +1352,11 @@ def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
         sandbox: run each kernel in a bubblewrap sandbox; raises
             SandboxUnavailable where there is none. False runs kernels
             as this user, with a warning.
+        dask: a Dask scheduler address, or "local:N" for a LocalCluster
+            of N workers: each notebook is one task there (the same
+            per-notebook run as here); None grades on this machine.
+        text: a function of the Gradebook returning the text to write
+            at `out` (another format); None writes Gradebook.to_csv().
 
     Returns:
         the Gradebook, rows sorted by learner and file.
@@ -1365,6 +1373,11 @@ def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
     jobs = default_jobs(memory_mb) if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if dask is not None:
+        from tlhelpers import cluster
+
+        cluster.parse_address(dask)   # a bad address fails here, at once
+        cluster.require_dask()
     seed_kind = "drawn" if seed is None else "given"
     seed = secrets.randbelow(2**31) if seed is None else int(seed)
     if isinstance(paths, (str, os.PathLike)):
@@ -1394,33 +1407,26 @@ def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
         rows = {}
         bar = tqdm(total=len(subs), desc="grading", unit="notebook",
                    disable=not progress)
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(_execute_submission, sub, i, settings,
-                                   running, lock): sub
-                       for i, sub in enumerate(subs)}
+
+        def finish(sub, result):
+            """Judge one notebook's outcome (result() returns it)."""
             try:
-                for future in as_completed(futures):
-                    sub = futures[future]
-                    try:
-                        outcome, seconds = future.result()
-                        row = _judge(outcome, heldout, run_dir, memory_mb,
-                                     timeout)
-                    except Exception as err:
-                        row = _ungraded_row({"sub": sub})
-                        row.notes.append(_clean(
-                            f"{type(err).__name__}: {err}", run_dir))
-                        seconds = 0.0
-                    row.seconds = seconds
-                    rows[sub] = row
-                    bar.set_postfix_str(f"{sub.student}: {row.status}")
-                    bar.update()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                with lock:
-                    for handle in list(running):
-                        _kill_tree(*handle)
-                raise
+                outcome, seconds = result()
+                row = _judge(outcome, heldout, run_dir, memory_mb, timeout)
+            except Exception as err:
+                row = _ungraded_row({"sub": sub})
+                row.notes.append(_clean(
+                    f"{type(err).__name__}: {err}", run_dir))
+                seconds = 0.0
+            row.seconds = seconds
+            rows[sub] = row
+            bar.set_postfix_str(f"{sub.student}: {row.status}")
+            bar.update()
+
+        if dask is not None:
+            _grade_on_cluster(dask, subs, settings, finish)
+        else:
+            _grade_here(subs, settings, jobs, running, lock, finish)
         bar.close()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -1431,8 +1437,231 @@ def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
              if any(n in row.results for row in ordered)]
     book = Gradebook(names, ordered, seed=seed_kind, skipped=skipped)
     if out is not None:
-        book.write(out, feedback_dir)
+        book.write(out, feedback_dir, None if text is None else text(book))
     return book
+
+
+def _grade_here(subs, settings, jobs, running, lock, finish):
+    """Run every notebook on this machine, `jobs` at once."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_execute_submission, sub, i, settings,
+                               running, lock): sub
+                   for i, sub in enumerate(subs)}
+        try:
+            for future in as_completed(futures):
+                finish(futures[future], future.result)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            with lock:
+                for handle in list(running):
+                    _kill_tree(*handle)
+            raise
+
+
+# ------------------------------------------------------- on a cluster
+
+
+def notebook_limit(timeout, exercises=3):
+    """Return the longest a notebook's run may take, in seconds."""
+    return ((timeout or 365 * 86400) + STARTUP_TIMEOUT + KILL_GRACE * 2
+            + 30 + COLLECT_TIMEOUT * (exercises + 1))
+
+
+def run_deadline(timeout, notebooks, workers, exercises=3):
+    """Return the whole run's deadline on a cluster, in seconds.
+
+    Every notebook at its limit, `workers` at once, each run twice (one
+    retry), plus two minutes to start and gather.
+    """
+    rounds = -(-max(1, notebooks) // max(1, workers))
+    return notebook_limit(timeout, exercises) * rounds * 2 + 120
+
+
+def _grade_on_cluster(address, subs, settings, finish):
+    """Send each notebook to a Dask worker as one task; judge it here.
+
+    A task carries the notebook's bytes, its learner and file names, and
+    the held-out *images* its exercises need (never the labels or the
+    seed); it runs _execute_submission on the worker, as a local run
+    does, and brings back the kernel's report and the evidence files.
+    Judging, scores and writing stay in this process.
+    """
+    from tlhelpers import cluster
+
+    here, tasks = [], []
+    for index, sub in enumerate(subs):
+        task = _task(sub, index, settings)
+        if task is None:  # nothing to run: judged here, as locally
+            here.append((index, sub))
+        else:
+            tasks.append((index, sub, task))
+    for index, sub in here:
+        finish(sub, lambda: _execute_submission(
+            sub, index, settings, set(), threading.Lock()))
+    if not tasks:
+        return
+    with cluster.connect(address) as client:
+        workers = max(1, sum(client.nthreads().values()))
+        if address.strip().startswith(cluster.LOCAL_PREFIX):
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            for _, _, task in tasks:
+                task["threads"] = threads
+        most = max(len(task["expected"]) for _, _, task in tasks)
+        deadline = run_deadline(settings["timeout"], len(tasks), workers,
+                                most)
+
+        def done(i, outcome):
+            index, sub, _ = tasks[i]
+            finish(sub, lambda: _unpack(outcome, sub, index, settings))
+
+        cluster.run_tasks(client, _run_task, [t for _, _, t in tasks],
+                          deadline, on_done=done)
+
+
+def _task(sub, index, settings):
+    """Return what a worker needs to grade one notebook, or None.
+
+    None: the notebook needs no kernel (unreadable, not this course).
+    """
+    if sub.problem:
+        return None
+    try:
+        data = Path(sub.path).read_bytes()
+    except OSError:
+        return None
+    nb, problem = _read_notebook(sub.path)
+    if problem:
+        return None
+    expected = _expected_exercises(nb)
+    if not expected:
+        return None
+    heldout = {}
+    for name in expected:
+        if settings["heldout"].get(name) is not None:
+            heldout[name] = settings["heldout"].file(name).read_bytes()
+    return {"notebook": data, "student": sub.student, "file": sub.file,
+            "index": index, "expected": expected, "heldout": heldout,
+            "timeout": settings["timeout"],
+            "memory_mb": settings["memory_mb"],
+            "sandbox": settings["sandbox"], "threads": None}
+
+
+class _ShippedHeldOut:
+    """The held-out images a task brought: files only, no labels."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def file(self, name):
+        """Return the images file of an exercise."""
+        return self.folder / f"{name}.pt"
+
+    def get(self, name, default=None):
+        """Return True if the task brought images for `name`."""
+        return True if self.file(name).is_file() else default
+
+
+def _run_task(task):
+    """Grade one notebook on a Dask worker; return report and evidence.
+
+    The same run as on the grading machine (_execute_submission: sandbox,
+    limits, its own copy of the held-out images), in a folder of the
+    worker's that is removed afterwards.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="tlcourse-grade-"))
+    running, lock = set(), threading.Lock()
+    try:
+        if task["sandbox"]:
+            problem = sandbox_problem()
+            if problem:
+                raise SandboxUnavailable(
+                    f"on Dask worker {_worker_name()}: {problem}: "
+                    f"{NO_SANDBOX_HELP}")
+        shipped = run_dir / "shipped"
+        shipped.mkdir()
+        for name, data in task["heldout"].items():
+            (shipped / f"{name}.pt").write_bytes(data)
+        notebook = run_dir / "submitted.ipynb"
+        notebook.write_bytes(task["notebook"])
+        threads = task["threads"] or max(
+            1, (os.cpu_count() or 1) // _worker_threads())
+        settings = {"run_dir": run_dir, "heldout": _ShippedHeldOut(shipped),
+                    "timeout": task["timeout"],
+                    "memory_mb": task["memory_mb"], "threads": threads,
+                    "sandbox": task["sandbox"],
+                    "read_only": (_read_only_paths() if task["sandbox"]
+                                  else [])}
+        sub = Submission(notebook, task["student"], task["file"])
+        try:
+            outcome, seconds = _execute_submission(
+                sub, task["index"], settings, running, lock)
+        except BaseException:
+            with lock:
+                for handle in list(running):
+                    _kill_tree(*handle)
+            raise
+        evidence = {}
+        if outcome["evidence"] is not None:
+            for path in Path(outcome["evidence"]).iterdir():
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    evidence[path.name] = path.read_bytes()
+        # The worker's folder reads as the grader's own in messages.
+        report = json.loads(json.dumps(outcome["report"]).replace(
+            json.dumps(str(run_dir))[1:-1], "<grading folder>"))
+        return {"expected": outcome["expected"], "notes": outcome["notes"],
+                "remarks": outcome["remarks"], "status": outcome["status"],
+                "report": report, "evidence": evidence, "seconds": seconds}
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _worker_threads():
+    """Return the Dask worker threads on this worker's machine.
+
+    Each kernel then gets its share of the machine's cores, as a local
+    run with --jobs gives it.
+    """
+    try:
+        from distributed import get_client, get_worker
+
+        worker = get_worker()
+        host = worker.address.rsplit(":", 1)[0]
+        info = get_client().scheduler_info()["workers"].values()
+        count = sum(int(w.get("nthreads", 1)) for w in info
+                    if w.get("host") and host.endswith(w["host"]))
+        return max(1, count or int(worker.state.nthreads))
+    except Exception:
+        return 1
+
+
+def _worker_name():
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except Exception:
+        return "(unknown)"
+
+
+def _unpack(outcome, sub, index, settings):
+    """Return (outcome, seconds) of a task, as _execute_submission does.
+
+    Raises RuntimeError when the task failed twice or ran out of time.
+    """
+    if not outcome.ok:
+        raise RuntimeError(f"on the Dask cluster: {outcome.error}")
+    value = outcome.value
+    evidence = settings["run_dir"] / f"{index:04d}" / "evidence"
+    evidence.mkdir(parents=True)
+    for name, data in value["evidence"].items():
+        if Path(name).name == name and name.endswith(".pt"):
+            (evidence / name).write_bytes(data)
+    raw = {"sub": sub, "expected": value["expected"],
+           "notes": value["notes"], "remarks": value["remarks"],
+           "status": value["status"], "report": value["report"],
+           "evidence": evidence}
+    return raw, value["seconds"]
 
 
 class _HeldOut:
@@ -1475,11 +1704,20 @@ class _HeldOut:
 
 _EPILOG = f"""\
 exit codes:
-  {EXIT_OK}    graded: the gradebook was written (whatever the statuses)
+  {EXIT_OK}    every notebook was graded and the gradebook written
+       (whatever the learners' statuses)
   {EXIT_WRITE}    the gradebook could not be written (an existing one is
        left as it was)
-  {EXIT_USAGE}    bad arguments, a missing path or no notebooks found
+  {EXIT_USAGE}    bad arguments, a missing path, no notebooks found, or a
+       roster or points file that cannot be used
   {EXIT_NO_SANDBOX}    no sandbox on this machine ({NO_SANDBOX_HELP})
+  {EXIT_UNGRADED}    the gradebook was written, but some notebooks were not
+       graded: their rows say "grader error" (the grader failed, or
+       a Dask task failed twice or ran past the run's deadline);
+       regrade them
+  {EXIT_CLUSTER}    --dask: Dask is not installed (pip install
+       'tlhelpers[cluster]') or the scheduler cannot be reached; no
+       gradebook was written
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); no gradebook was written
 """
 
@@ -1529,6 +1767,28 @@ def build_parser():
                              "for each run)")
     parser.add_argument("--feedback-dir", default=None,
                         help="folder for the feedback files")
+    parser.add_argument("--format", default="long",
+                        choices=("long", "wide", "canvas"),
+                        help="long: one row per notebook (default); "
+                             "wide: one row per learner (id, name, points "
+                             "per exercise, total, percent); canvas: "
+                             "Canvas's gradebook import, with a Points "
+                             "Possible row")
+    parser.add_argument("--roster", default=None, metavar="CSV",
+                        help="learners (columns id, name, optional email "
+                             "and section): submission folders are matched "
+                             "to them, learners with no submission get 0, "
+                             "folders that match no one are flagged")
+    parser.add_argument("--points", default=None, metavar="TOML",
+                        help="points per exercise and partial credit, "
+                             "e.g. [exercises] capstone = { points = 4, "
+                             "partial = true } (default: the checkers' "
+                             "own points)")
+    parser.add_argument("--dask", default=None, metavar="ADDRESS",
+                        help="grade on a Dask cluster, one task per "
+                             "notebook: a scheduler address (tcp://host:"
+                             "8786) or local:N for N worker processes here"
+                             " (needs pip install 'tlhelpers[cluster]')")
     parser.add_argument("--no-sandbox", action="store_true",
                         help="run kernels without the sandbox, as you "
                              "(only for a cohort you trust)")
@@ -1539,10 +1799,13 @@ def build_parser():
 
 def main(argv=None):
     """Run `tlcourse grade`; return the exit code."""
+    from tlhelpers import cluster, gradebook
+
     parser = build_parser()
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
+        text, roster = _formatter(args)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if args.no_sandbox:
@@ -1554,10 +1817,14 @@ def main(argv=None):
                          jobs=args.jobs, seed=args.seed,
                          progress=not args.no_progress,
                          feedback_dir=args.feedback_dir,
-                         sandbox=not args.no_sandbox)
+                         sandbox=not args.no_sandbox, dask=args.dask,
+                         text=text)
     except SandboxUnavailable as err:
         print(f"tlcourse grade: {err}", file=sys.stderr)
         return EXIT_NO_SANDBOX
+    except cluster.ClusterError as err:
+        print(f"tlcourse grade: {err}", file=sys.stderr)
+        return EXIT_CLUSTER
     except (FileNotFoundError, ValueError) as err:
         print(f"tlcourse grade: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -1572,9 +1839,59 @@ def main(argv=None):
     print(book)
     out = Path(args.out)
     feedback = args.feedback_dir or out.with_name(out.stem + "_feedback")
-    print(f"\nwrote {out} ({len(book.rows)} notebooks) and feedback in "
-          f"{feedback}/ in {time.monotonic() - start:.0f} s")
+    print(f"\nwrote {out} ({len(book.rows)} notebooks, {args.format} "
+          f"format) and feedback in {feedback}/ in "
+          f"{time.monotonic() - start:.0f} s")
+    if roster is not None:
+        _, unmatched = gradebook.match_roster(
+            roster, [row.student for row in book.rows])
+        for student in unmatched:
+            where = ("left out of the Canvas import"
+                     if args.format == "canvas" else "flagged in its rows")
+            print(f"tlcourse grade: warning: {student!r} matches no one on "
+                  f"the roster ({where}); rename the folder to the "
+                  "learner's id, email or name", file=sys.stderr)
+    ungraded = [row for row in book.rows if row.status == "grader error"]
+    if ungraded:
+        print(f"tlcourse grade: {len(ungraded)} notebook(s) not graded "
+              "(status \"grader error\"): "
+              + ", ".join(row.file for row in ungraded), file=sys.stderr)
+        return EXIT_UNGRADED
     return EXIT_OK
+
+
+def _formatter(args):
+    """Return (function of a Gradebook giving its text, roster or None).
+
+    Reads the roster and points files first, so a mistake in them stops
+    the run before any notebook is graded. The long format with neither
+    is today's gradebook: the function is None.
+    """
+    from tlhelpers import exercises, gradebook
+
+    roster = (gradebook.read_roster(args.roster) if args.roster
+              else None)
+    points = (gradebook.read_points(args.points, known=exercises.EXERCISES)
+              if args.points else None)
+    if args.format == "long" and roster is None and points is None:
+        return None, None
+
+    def text(book):
+        if args.format != "long":
+            return gradebook.render(book, args.format, roster, points)
+        columns, rows = gradebook.long_rows(book,
+                                            points or gradebook.Points())
+        if roster is not None:
+            _, unmatched = gradebook.match_roster(
+                roster, [row["student"] for row in rows])
+            for row in rows:
+                if row["student"] in unmatched:
+                    row["message"] = "; ".join(
+                        m for m in ("not on the roster", row["message"])
+                        if m)
+        return gradebook.to_csv(columns, rows)
+
+    return text, roster
 
 
 if __name__ == "__main__":
