@@ -761,3 +761,42 @@ def test_convention_problems_name_unknown_and_missing_cells():
     assert any("0 cells tagged check:freeze_backbone" in p
                for p in problems)
     assert any("unknown exercise 'freeze_the_head'" in p for p in problems)
+
+
+def test_capstone_partial_credit_rises_from_the_floor_to_the_target(smoke):
+    capstone = exercises.capstone
+    floor = exercises.config.by_mode(*capstone.floor)
+    target = capstone._target()
+    assert capstone.partial_credit(floor) == 0.0
+    assert capstone.partial_credit(floor - 0.1) == 0.0
+    middle = capstone.partial_credit((floor + target) / 2)
+    assert middle == pytest.approx(0.5)
+    assert capstone.partial_credit(target) == 1.0
+
+
+def test_capstone_below_target_earns_partial_points_still_incorrect(
+        smoke, imagenet_lite0):
+    model = copy.deepcopy(imagenet_lite0)
+    with torch.no_grad():
+        model.model.conv_head.weight.mul_(1.01)
+
+    def right_on_first(count):
+        def relabel(preds):
+            wrong = (preds + 1) % 5
+            wrong[:count] = preds[:count]
+            return wrong
+        return relabel
+
+    # 50 held-out images in SMOKE mode: 28 right is 56%, between the
+    # floor (40%) and the target (70%).
+    result = _capstone_graded(model, right_on_first(28))
+    assert result.status == "incorrect"
+    fraction = exercises.capstone.partial_credit(0.56)
+    assert 0 < fraction < 1
+    assert result.points == pytest.approx(2.0 * fraction)
+    assert result.max_points == 2.0
+    assert "56% of 50" in result.message
+    assert "partial credit" in result.message
+    # At the floor and below: nothing; the extremes are unchanged.
+    assert _capstone_graded(model, right_on_first(20)).points == 0.0
+    assert _capstone_graded(model, right_on_first(50)).points == 2.0

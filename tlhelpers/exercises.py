@@ -54,6 +54,8 @@ _MISSING = object()
 class _Incorrect(Exception):
     """The answer is wrong; the message says why, to the learner."""
 
+    partial = 0.0   # the fraction of the points it still earns
+
 
 class _Usage(Exception):
     """check() was called with the wrong arguments."""
@@ -261,7 +263,7 @@ class Exercise:
                 return self._result("incorrect", evidence["error"])
             return self._result("correct", self._judge(evidence, labels))
         except _Incorrect as err:
-            return self._result("incorrect", str(err))
+            return self._result("incorrect", str(err), err.partial)
         except Exception as err:
             return self._result(
                 "incorrect", f"could not check this answer "
@@ -300,9 +302,9 @@ class Exercise:
         return {"exercise": self.name, "attempted": False,
                 "message": message}
 
-    def _result(self, status, message):
-        return Result(self.name, status, message,
-                      self.points if status == "correct" else 0.0,
+    def _result(self, status, message, partial=0.0):
+        earned = 1.0 if status == "correct" else min(max(partial, 0.0), 1.0)
+        return Result(self.name, status, message, self.points * earned,
                       self.points)
 
     def _target(self):
@@ -1298,6 +1300,10 @@ class Capstone(Exercise):
                                   "domain": "photo",
                                   "image_size": (128, 64)})
     target = (0.8, 0.7)
+    # Partial credit: an accuracy between this floor (twice chance, for
+    # 5 classes) and the target earns that part of the way of the
+    # points; the answer is still "incorrect".
+    floor = (0.4, 0.4)
     # Below this mean cosine similarity to the ImageNet weights, the
     # backbone did not start from them (a random start gives about 0).
     min_similarity = 0.5
@@ -1389,8 +1395,28 @@ class Capstone(Exercise):
         model = self._rebuild(evidence, classes)
         preds = _forward_images(heldout[0], model.transform,
                                 model.model).argmax(1)
-        return _accuracy_message(preds, heldout[1], self._target(),
-                                 "final_model classifies") + note
+        try:
+            return _accuracy_message(preds, heldout[1], self._target(),
+                                     "final_model classifies") + note
+        except _Incorrect as err:
+            if len(preds) == len(heldout[1]):
+                right = int((preds == heldout[1]).sum().item())
+                err.partial = self.partial_credit(right / len(preds))
+                if err.partial > 0:
+                    err.args = (f"{err}; partial credit: "
+                                f"{err.partial:.0%} of the points (from "
+                                f"{config.by_mode(*self.floor):.0%} up)",)
+            raise
+
+    def partial_credit(self, accuracy):
+        """Return the fraction of the points an accuracy below target earns.
+
+        0 at or below the floor, rising linearly towards 1 at the target.
+        """
+        floor, target = config.by_mode(*self.floor), self._target()
+        if accuracy >= target:
+            return 1.0
+        return round(max(0.0, (accuracy - floor) / (target - floor)), 4)
 
 
 class TextClassifier(Exercise):
