@@ -226,3 +226,28 @@ def test_the_run_deadline_grows_with_notebooks_and_shrinks_with_workers():
     assert grading.run_deadline(60, notebooks=10, workers=1) > one
     assert one >= 2 * grading.notebook_limit(60)   # room for the retry
     assert grading.run_deadline(0, 1, 1) > 86400   # 0: no time limit
+
+
+def broken_task(task):
+    raise OSError("the worker's disk is full")
+
+
+@pytest.mark.slow
+def test_a_task_that_fails_twice_is_a_grader_error_row(
+        tmp_path, monkeypatch, capsys):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    for name in ("kim/05_choosing_a_strategy.ipynb", "other_course.ipynb"):
+        (tmp_path / "subs" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SUBMISSIONS / name, tmp_path / "subs" / name)
+    monkeypatch.setattr(grading, "_run_task", broken_task)
+    out = tmp_path / "gradebook.csv"
+    code = grading.main([str(tmp_path / "subs"), "--out", str(out),
+                         "--dask", "local:1", "--no-sandbox",
+                         "--no-progress"])
+    assert code == grading.EXIT_UNGRADED
+    rows = {r.split(",")[0]: r for r in out.read_text().splitlines()[1:]}
+    assert "grader error" in rows["kim"]
+    assert "the worker's disk is full" in rows["kim"]
+    assert "not this course" in rows["other_course"]
