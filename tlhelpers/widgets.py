@@ -179,11 +179,18 @@ class LivePlot:
             return
         from IPython.display import display
 
-        if self.handle is not None:
-            self.handle.update(bundle, raw=True)
-        elif self.mode == "widget":
+        if self.mode == "widget":
+            # An Output widget only captures what is displayed inside its
+            # `with` block: a display handle updated outside it would not
+            # reach the widget in a front end. Redraw inside it instead.
+            from IPython.display import clear_output
+
             with self.widget:
-                self.handle = display(bundle, raw=True, display_id=True)
+                clear_output(wait=True)
+                display(bundle, raw=True)
+            self.handle = self.widget
+        elif self.handle is not None:
+            self.handle.update(bundle, raw=True)
         elif self.autodisplay:
             self.handle = display(bundle, raw=True, display_id=True)
 
@@ -499,7 +506,18 @@ class FeatureMapBrowser:
         return self.png
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        # The widget for a front end; the drawing as a picture for pages
+        # and notebooks saved by a headless run, which keep no widget.
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, tuple):  # (data, metadata)
+            bundle = bundle[0]
+        bundle = dict(bundle)
+        if self.png is not None:
+            bundle["image/png"] = base64.b64encode(self.png).decode("ascii")
+        bundle["text/plain"] = (f"Feature maps at stage {self.stage!r}: "
+                                "move the slider in JupyterLab to see the "
+                                "other stages")
+        return bundle
 
 
 def feature_map_browser(model, image, channels=8, mean=None, std=None):
