@@ -269,6 +269,63 @@ def test_torch_probe_is_repeatable_and_leaves_the_global_seed_alone():
     assert torch.equal(a.classifier.weight, b.classifier.weight)
 
 
+def quiet_noise_features(n_per_class, seed, task=0):
+    """Few informative features among many near-constant ones.
+
+    Like post-ReLU backbone features: most dimensions barely move. A
+    per-feature scale with a tiny floor blows those up into noise as large
+    as the signal. `task` fixes the class centres, `seed` the samples.
+    """
+    centres = torch.randn(4, 8, generator=torch.Generator().manual_seed(
+        1000 + task)) * 2
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4).repeat_interleave(n_per_class)
+    signal = centres[labels] + torch.randn(len(labels), 8, generator=g)
+    quiet = torch.randn(len(labels), 300, generator=g) * 1e-2
+    return F.Features(torch.cat([signal, quiet], 1), labels)
+
+
+@pytest.mark.parametrize("method", ["logistic", "torch"])
+def test_default_scaling_does_as_well_as_raw_features_at_ten_shots(method):
+    """The few-shot case the old per-feature scaling lost (issue 20)."""
+    scores = {}
+    for option in ("default", False):
+        kwargs = {} if option == "default" else {"standardize": option}
+        accs = [F.linear_probe(quiet_noise_features(10, seed, seed),
+                               quiet_noise_features(50, seed + 100, seed),
+                               method=method, **kwargs).accuracy
+                for seed in range(3)]
+        scores[option] = sum(accs) / len(accs)
+    assert scores["default"] >= scores[False] - 0.01, scores
+
+
+def test_per_feature_scaling_loses_that_case():
+    """The test above can fail: scaling each feature to std 1 (the old
+    default) does measurably worse than raw features there."""
+    def mean_accuracy(standardize):
+        return sum(F.linear_probe(
+            quiet_noise_features(10, seed, seed),
+            quiet_noise_features(50, seed + 100, seed), method="torch",
+            standardize=standardize).accuracy for seed in range(3)) / 3
+
+    assert mean_accuracy(True) < mean_accuracy(False) - 0.1
+
+
+def test_feature_scaling_options_and_errors():
+    x = torch.tensor([[1.0, 10.0], [3.0, 10.0]])
+    mean, scale = F.feature_scaling(x, "global")
+    assert torch.equal(mean, torch.tensor([2.0, 10.0]))
+    assert scale[0] == scale[1]
+    mean, scale = F.feature_scaling(x, True)
+    typical = float(x.std(0).pow(2).mean().sqrt())
+    assert scale[1] >= F.RELATIVE_FLOOR * typical
+    mean, scale = F.feature_scaling(x, False)
+    assert torch.equal(scale, torch.ones(2)) and torch.equal(
+        mean, torch.zeros(2))
+    with pytest.raises(ValueError, match="True, False or 'global'"):
+        F.feature_scaling(x, "yes")
+
+
 def test_linear_probe_explains_wrong_inputs():
     train = blobs()
     with pytest.raises(ValueError, match="unknown method"):

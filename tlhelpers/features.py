@@ -261,17 +261,53 @@ class ProbeResult:
                 f"{self.train_accuracy:.3f})")
 
 
+SCALINGS = (True, False, "global")
+# A per-feature scale is floored at this fraction of the features' typical
+# scale: on a few dozen samples a near-constant feature would otherwise be
+# blown up into noise (standardize=True used to floor at 1e-6).
+RELATIVE_FLOOR = 0.1
+
+
+def feature_scaling(x, standardize):
+    """Return (mean, scale) [D] that standardise features x [N, D].
+
+    standardize: True scales each feature by its own std (floored at
+    RELATIVE_FLOOR of the typical std); "global" centres each feature and
+    divides all by one number, the typical std, so the features keep
+    their relative sizes; False leaves them as they are.
+    """
+    if standardize not in SCALINGS:
+        raise ValueError(f"standardize must be True, False or 'global', "
+                         f"got {standardize!r}")
+    d = x.shape[1]
+    if standardize is False:
+        return torch.zeros(d), torch.ones(d)
+    mean = x.mean(0)
+    std = x.std(0) if len(x) > 1 else torch.ones(d)
+    # The features' typical scale: the root mean square of their stds
+    # (a plain mean would follow the many near-constant dimensions).
+    typical = float(std.pow(2).mean().sqrt()) or 1.0
+    if standardize == "global":
+        return mean, torch.full((d,), typical)
+    return mean, std.clamp_min(RELATIVE_FLOOR * typical)
+
+
+def _fold(weight, bias, mean, scale):
+    """Return (weight, bias) that act on raw features, scaling included."""
+    weight = weight / scale
+    return weight, bias - weight @ mean
+
+
 def _torch_probe(train, test, epochs, lr, batch_size, weight_decay,
                  standardize, seed, device):
     x, y = train.features, train.labels
     num_classes = int(max(y.max(), test.labels.max())) + 1
-    mean = x.mean(0) if standardize else torch.zeros(x.shape[1])
-    std = x.std(0).clamp_min(1e-6) if standardize else torch.ones(x.shape[1])
+    mean, scale = feature_scaling(x, standardize)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(x.shape[1], num_classes)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset((x - mean) / std, y),
+        torch.utils.data.TensorDataset((x - mean) / scale, y),
         batch_size=batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr,
@@ -281,9 +317,9 @@ def _torch_probe(train, test, epochs, lr, batch_size, weight_decay,
     # Fold the standardisation into the layer so it takes raw features.
     classifier = copy.deepcopy(head).cpu()
     with torch.no_grad():
-        weight = head.weight.cpu() / std
+        weight, bias = _fold(head.weight.cpu(), head.bias.cpu(), mean, scale)
         classifier.weight.copy_(weight)
-        classifier.bias.copy_(head.bias.cpu() - weight @ mean)
+        classifier.bias.copy_(bias)
 
     def accuracy(f):
         with torch.no_grad():
@@ -293,19 +329,47 @@ def _torch_probe(train, test, epochs, lr, batch_size, weight_decay,
     return classifier, accuracy(train), accuracy(test)
 
 
+def _logistic_probe(train, test, C, max_iter, standardize):
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    x, y = train.features, train.labels.numpy()
+    mean, scale = feature_scaling(x, standardize)
+    classifier = LogisticRegression(C=C, max_iter=max_iter)
+    # One BLAS thread: on problems this small, more threads only contend
+    # (measured 50x slower on a busy 2-core machine).
+    with threadpool_limits(1):
+        classifier.fit(((x - mean) / scale).numpy(), y)
+    # Fold the scaling in: the classifier takes raw features.
+    weight, bias = _fold(torch.from_numpy(classifier.coef_).float(),
+                         torch.from_numpy(classifier.intercept_).float(),
+                         mean, scale)
+    classifier.coef_ = weight.double().numpy()
+    classifier.intercept_ = bias.double().numpy()
+    with threadpool_limits(1):
+        accuracy = classifier.score(test.features.numpy(),
+                                    test.labels.numpy())
+        train_accuracy = classifier.score(x.numpy(), y)
+    return classifier, float(train_accuracy), float(accuracy)
+
+
 def linear_probe(train, test, method="logistic", C=1.0, max_iter=1000,
                  epochs=30, lr=1e-2, batch_size=64, weight_decay=0.0,
-                 standardize=True, seed=0, device=None):
+                 standardize="global", seed=0, device=None):
     """Train a linear classifier on features; report its accuracy.
 
     Args:
         train, test: Features from extract_features.
         method: "logistic" (scikit-learn's LogisticRegression with
-            inverse regularisation C, on standardised features) or
-            "torch" (an nn.Linear trained with AdamW by fit for `epochs`
-            epochs of minibatches).
-        standardize: ("torch") scale each feature to mean 0, std 1 first;
-            the returned layer still takes raw features.
+            inverse regularisation C) or "torch" (an nn.Linear trained
+            with AdamW by fit for `epochs` epochs of minibatches).
+        standardize: how features are scaled before training (see
+            feature_scaling): "global" (the default) centres them and
+            divides all by one typical scale, keeping their relative
+            sizes; True scales each to std 1; False leaves them raw. The
+            returned classifier takes raw features either way. Chosen by
+            benchmarks/bench_probes.py: per-feature scaling blows up the
+            many near-constant dimensions of a few-shot sample.
     """
     for name, f in (("train", train), ("test", test)):
         if not isinstance(f, Features):
@@ -318,30 +382,14 @@ def linear_probe(train, test, method="logistic", C=1.0, max_iter=1000,
                          f"{test.features.shape[1]}): extract both with "
                          "the same backbone")
     if method == "logistic":
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        from threadpoolctl import threadpool_limits
-
-        steps = [StandardScaler()] if standardize else []
-        classifier = make_pipeline(*steps,
-                                   LogisticRegression(C=C, max_iter=max_iter))
-        x, y = train.features.numpy(), train.labels.numpy()
-        # One BLAS thread: on problems this small, more threads only
-        # contend (measured 50x slower on a busy 2-core machine).
-        with threadpool_limits(1):
-            classifier.fit(x, y)
-            accuracy = classifier.score(test.features.numpy(),
-                                        test.labels.numpy())
-            train_accuracy = classifier.score(x, y)
-        return ProbeResult(accuracy=float(accuracy), classifier=classifier,
-                           train_accuracy=float(train_accuracy),
-                           method=method)
-    if method == "torch":
+        classifier, train_acc, test_acc = _logistic_probe(
+            train, test, C, max_iter, standardize)
+    elif method == "torch":
         classifier, train_acc, test_acc = _torch_probe(
             train, test, epochs, lr, batch_size, weight_decay, standardize,
             seed, device)
-        return ProbeResult(accuracy=test_acc, classifier=classifier,
-                           train_accuracy=train_acc, method=method)
-    raise ValueError(f"unknown method {method!r}: use 'logistic' or 'torch'")
+    else:
+        raise ValueError(f"unknown method {method!r}: use 'logistic' or "
+                         "'torch'")
+    return ProbeResult(accuracy=test_acc, classifier=classifier,
+                       train_accuracy=train_acc, method=method)
