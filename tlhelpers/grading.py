@@ -1088,10 +1088,26 @@ def _kernel_env(work, threads, sandbox):
     return env
 
 
-def _run_worker(spec_path, work, hard_timeout, running, lock):
+def _die_with_parent():
+    """In a child process: be killed when the thread that started it ends.
+
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing happens.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)   # SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_worker(spec_path, work, hard_timeout, running, lock,
+                die_with_parent=False):
     """Start a worker for one notebook and wait; kill it past the limit.
 
     The worker's pid and start time stay in this process's memory.
+    ``die_with_parent`` (on a Dask worker, which may be killed outright):
+    the worker process, and with it its kernel, dies with this process.
     """
     with open(work / "worker.log", "wb") as log:
         proc = subprocess.Popen(
@@ -1099,7 +1115,9 @@ def _run_worker(spec_path, work, hard_timeout, running, lock):
              str(spec_path)],
             cwd=work, stdout=log, stderr=subprocess.STDOUT,
             env=_with_package_path(dict(os.environ)),
-            start_new_session=True)
+            start_new_session=True,
+            preexec_fn=(_die_with_parent if die_with_parent
+                        and sys.platform.startswith("linux") else None))
         handle = (proc.pid, _started(proc.pid))
         with lock:
             running.add(handle)
@@ -1171,7 +1189,8 @@ def _execute_submission(sub, index, settings, running, lock):
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     hard = notebook_limit(settings["timeout"], len(expected))
-    killed = _run_worker(spec_path, work, hard, running, lock)
+    killed = _run_worker(spec_path, work, hard, running, lock,
+                         settings.get("die_with_parent", False))
     try:
         outcome["report"] = json.loads((work / "report.json").read_text())
     except (OSError, ValueError):
@@ -1589,7 +1608,7 @@ def _run_task(task):
         settings = {"run_dir": run_dir, "heldout": _ShippedHeldOut(shipped),
                     "timeout": task["timeout"],
                     "memory_mb": task["memory_mb"], "threads": threads,
-                    "sandbox": task["sandbox"],
+                    "sandbox": task["sandbox"], "die_with_parent": True,
                     "read_only": (_read_only_paths() if task["sandbox"]
                                   else [])}
         sub = Submission(notebook, task["student"], task["file"])
