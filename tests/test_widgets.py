@@ -118,20 +118,6 @@ def test_live_plot_for_a_layout_draws_in_its_own_output_widget(
     assert shown[-1][1]["text/plain"].startswith("epoch 1")
 
 
-def test_feature_map_browser_keeps_a_picture_for_headless_pages():
-    """A saved notebook without widget state still shows the maps."""
-    import torch
-    from torch import nn
-
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
-    browser = widgets.FeatureMapBrowser(net, torch.rand(3, 16, 16),
-                                        channels=2)
-    bundle = browser._repr_mimebundle_()
-    assert "application/vnd.jupyter.widget-view+json" in bundle
-    assert base64.b64decode(bundle["image/png"]) == browser.png
-    assert "slider" in bundle["text/plain"]
-
-
 def test_live_plot_run_headless_keeps_the_final_figure_in_the_notebook(
         tmp_path):
     """nbclient (tlcourse run, nbval) saves what the handle showed last."""

@@ -534,7 +534,8 @@ def cmd_run(args):
               f"{r.peak_mem_mb:7.0f} MiB peak")
     for r in build.failures:
         print(f"FAILED {r.name}, {r.error}", file=sys.stderr)
-        print(f"  see {_shown(r.html)}", file=sys.stderr)
+        # No HTML page when its export failed: point at the notebook.
+        print(f"  see {_shown(r.html or r.ipynb)}", file=sys.stderr)
     no_html = [r for r in build.results if r.html_error]
     if no_html:
         print(f"warning: no HTML page for {len(no_html)} notebook(s): "

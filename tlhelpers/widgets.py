@@ -506,18 +506,7 @@ class FeatureMapBrowser:
         return self.png
 
     def _repr_mimebundle_(self, **kwargs):
-        # The widget for a front end; the drawing as a picture for pages
-        # and notebooks saved by a headless run, which keep no widget.
-        bundle = self.widget._repr_mimebundle_(**kwargs)
-        if isinstance(bundle, tuple):  # (data, metadata)
-            bundle = bundle[0]
-        bundle = dict(bundle)
-        if self.png is not None:
-            bundle["image/png"] = base64.b64encode(self.png).decode("ascii")
-        bundle["text/plain"] = (f"Feature maps at stage {self.stage!r}: "
-                                "move the slider in JupyterLab to see the "
-                                "other stages")
-        return bundle
+        return self.widget._repr_mimebundle_(**kwargs)
 
 
 def feature_map_browser(model, image, channels=8, mean=None, std=None):
