@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from tlhelpers import cli, runner
+from tlhelpers import cli, grading, kernels, runner
 
 
 def fake_models(monkeypatch, rows, loaded=None):
@@ -53,7 +53,7 @@ def test_run_defaults_stop_on_failure_with_a_cell_time_limit():
     args = cli.build_parser().parse_args(["run"])
     assert not args.smoke and not args.keep_going and not args.solutions
     assert args.out is None and args.notebooks == []
-    assert args.timeout == runner.DEFAULT_TIMEOUT
+    assert args.timeout == kernels.NOTEBOOK_TIMEOUT
 
 
 @pytest.mark.parametrize("bad", ["-3", "soon", "nan"])
@@ -83,8 +83,10 @@ def test_run_passes_its_options_to_run_course(monkeypatch, tmp_path):
 
     monkeypatch.setattr(runner, "run_course", fake_run_course)
     code = cli.main(["run", "--smoke", "--timeout", "5", "--keep-going",
-                     "--no-progress", "--out", str(tmp_path), "x.ipynb"])
+                     "--no-progress", "--jobs", "3", "--out", str(tmp_path),
+                     "x.ipynb"])
     assert code == 0
+    assert seen["jobs"] == 3
     assert seen["smoke"] is True and seen["keep_going"] is True
     assert seen["timeout"] == 5.0 and seen["progress"] is False
     assert seen["solutions"] is False
@@ -104,17 +106,21 @@ def test_console_script_help_is_fast_and_lists_commands():
 
 def test_timeout_means_the_same_in_run_and_grade(capsys):
     """Seconds a notebook's own cells may take in all; 0: no limit."""
-    from tlhelpers import grading
-
-    assert runner.DEFAULT_TIMEOUT == grading.DEFAULT_TIMEOUT
-    with pytest.raises(SystemExit):
-        cli.main(["run", "--help"])
-    helps = [capsys.readouterr().out, grading.build_parser().format_help()]
+    parser = cli.build_parser()
+    assert parser.parse_args(["run"]).timeout == kernels.NOTEBOOK_TIMEOUT
+    assert parser.parse_args(["grade", "x"]).timeout \
+        == kernels.NOTEBOOK_TIMEOUT
+    helps = []
+    for command in ("run", "grade"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        helps.append(capsys.readouterr().out)
     for text in helps:
         assert "seconds a notebook's own cells may take in all; 0: no " \
                "limit" in " ".join(text.split())
-    assert cli.build_parser().parse_args(
-        ["run", "--timeout", "0"]).timeout == 0
+    for command in ("run", "grade"):
+        assert parser.parse_args(
+            [command, "x", "--timeout", "0"]).timeout == 0
 
 
 @pytest.mark.parametrize("argv", [[], ["run"], ["doctor"], ["prefetch"]])
@@ -344,7 +350,7 @@ def test_doctor_flags_low_memory_as_a_problem(no_network, monkeypatch):
 def test_doctor_notes_more_threads_than_usable_cores(
         no_network, monkeypatch):
     fake_models(monkeypatch, [LITE0])
-    monkeypatch.setattr(cli, "usable_cores", lambda: 1)
+    monkeypatch.setattr(kernels, "usable_cores", lambda: 1)
     monkeypatch.setattr("torch.get_num_threads", lambda: 8)
     report = cli.doctor(online=False)
     assert report.ok  # slow is not broken
@@ -457,28 +463,49 @@ def test_prefetch_refuses_under_tlh_offline(monkeypatch, capsys):
 
 # ------------------------------------------------------------------ grade
 
-def test_grade_hands_every_argument_to_grading_main(monkeypatch):
+def test_grade_is_a_subcommand_with_the_graders_own_arguments():
+    args = cli.build_parser().parse_args(
+        ["grade", "subs/a.ipynb", "subs/b", "--out", "book.csv",
+         "--timeout", "60", "--memory-mb", "4096", "--no-sandbox",
+         "--format", "wide"])
+    assert args.handler is grading.run_command
+    assert args.submissions == ["subs/a.ipynb", "subs/b"]
+    assert (args.out, args.timeout, args.memory_mb) == ("book.csv", 60.0,
+                                                        4096)
+    assert args.no_sandbox and args.format == "wide"
+    # the same arguments as `python -m tlhelpers.grading`
+    assert vars(grading.build_parser().parse_args(
+        ["subs/a.ipynb", "subs/b", "--out", "book.csv", "--timeout", "60",
+         "--memory-mb", "4096", "--no-sandbox", "--format", "wide"])) \
+        == {k: v for k, v in vars(args).items()
+            if k not in ("command", "handler")}
+
+
+def test_grade_returns_the_graders_exit_code(monkeypatch):
     seen = []
-    fake = types.ModuleType("tlhelpers.grading")
-    fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "tlhelpers.grading", fake)
-    argv = ["subs/a.ipynb", "subs/b.ipynb", "--out", "gradebook.csv",
-            "--help"]
-    assert cli.main(["grade", *argv]) == 3
-    assert seen == [argv]
+    monkeypatch.setattr(grading, "run_command",
+                        lambda args: seen.append(args) or 3)
+    assert cli.main(["grade", "x.ipynb", "--seed", "7"]) == 3
+    assert [(a.submissions, a.seed) for a in seen] == [(["x.ipynb"], 7)]
 
 
-def test_grade_returns_zero_when_grading_main_returns_none(monkeypatch):
-    fake = types.ModuleType("tlhelpers.grading")
-    fake.main = lambda argv: None
-    monkeypatch.setitem(sys.modules, "tlhelpers.grading", fake)
-    assert cli.main(["grade", "x.ipynb"]) == 0
+def test_grade_help_lists_the_graders_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["grade", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: tlcourse grade")
+    listed = out.split("exit codes:\n", 1)[1]
+    for code in (grading.EXIT_OK, grading.EXIT_USAGE,
+                 grading.EXIT_NO_SANDBOX, grading.EXIT_INTERRUPTED):
+        assert f"\n  {code} " in "\n" + listed
 
 
-def test_grade_without_the_grading_module_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "tlhelpers.grading", None)
-    assert cli.main(["grade", "x.ipynb"]) == 2
-    assert "tlhelpers.grading" in capsys.readouterr().err
+def test_grade_without_submissions_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["grade"])
+    assert exit_.value.code == grading.EXIT_USAGE
+    assert "SUBMISSION" in capsys.readouterr().err
 
 
 def test_doctor_notes_when_html_pages_cannot_be_written(monkeypatch):

@@ -40,6 +40,30 @@ def client():
         yield c
 
 
+def test_a_local_cluster_leaves_the_environment_as_it_was(monkeypatch):
+    """Dask's nannies set OMP_NUM_THREADS=1 (and more) in the process that
+    starts them; later course kernels would inherit one thread."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "7")
+    before = dict(os.environ)
+    with cluster.connect("local:1") as c:
+        assert c.submit(square, 3).result(timeout=60) == 9
+    assert dict(os.environ) == before
+
+
+def test_environ_kept_undoes_additions_changes_and_removals(monkeypatch):
+    monkeypatch.setenv("TLH_TEST_CHANGED", "before")
+    monkeypatch.setenv("TLH_TEST_REMOVED", "here")
+    monkeypatch.delenv("TLH_TEST_ADDED", raising=False)
+    with cluster.environ_kept():
+        os.environ["TLH_TEST_ADDED"] = "1"
+        os.environ["TLH_TEST_CHANGED"] = "after"
+        del os.environ["TLH_TEST_REMOVED"]
+    assert "TLH_TEST_ADDED" not in os.environ
+    assert os.environ["TLH_TEST_CHANGED"] == "before"
+    assert os.environ["TLH_TEST_REMOVED"] == "here"
+
+
 @pytest.mark.parametrize("text, expected", [
     ("local:2", ("local", 2)),
     ("tcp://10.1.2.3:8786", ("remote", "tcp://10.1.2.3:8786")),
@@ -168,9 +192,10 @@ def test_a_local_cluster_gives_the_local_gradebook_byte_for_byte(
 def test_a_worker_killed_mid_run_still_yields_every_row(cohort, tmp_path):
     root, local = cohort
     killed = []
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1,
-                                  processes=True, dashboard_address=None,
-                                  host="127.0.0.1") as local_cluster, \
+    with cluster.environ_kept(), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1,
+                                     processes=True, dashboard_address=None,
+                                     host="127.0.0.1") as local_cluster, \
             distributed.Client(local_cluster) as watcher:
         pids = watcher.run(os.getpid)
 

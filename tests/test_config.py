@@ -87,3 +87,52 @@ def test_setup_prints_one_line_with_versions_device_and_mode(
 
 def test_get_device_honours_an_explicit_choice():
     assert config.get_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, True), ("", True), ("1", True), ("0", False), ("off", False),
+    ("false", False)])
+def test_show_progress_follows_tlh_progress_when_not_told(value, expected):
+    environ = {} if value is None else {"TLH_PROGRESS": value}
+    assert config.show_progress(None, environ) is expected
+    # An explicit argument wins over the environment, both ways.
+    assert config.show_progress(True, {"TLH_PROGRESS": "0"}) is True
+    assert config.show_progress(False, {}) is False
+
+
+def test_headless_kernels_hide_progress_bars_unless_asked():
+    from tlhelpers import runner
+
+    assert runner.kernel_env({})["TLH_PROGRESS"] == "0"
+    assert runner.kernel_env({"TLH_PROGRESS": "1"})["TLH_PROGRESS"] == "1"
+
+
+def test_fit_shows_no_bar_under_tlh_progress_0(monkeypatch, capsys):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tlhelpers import training
+
+    data = TensorDataset(torch.randn(8, 3), torch.tensor([0, 1] * 4))
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for value, shown in (("0", False), ("1", True)):
+        monkeypatch.setenv("TLH_PROGRESS", value)
+        training.fit(net, DataLoader(data, batch_size=4), None, opt, 1)
+        err = capsys.readouterr().err
+        assert ("fit:" in err) is shown, (value, err)
+
+
+def test_the_command_line_modules_import_without_torch():
+    """config imports torch only when a function needs it, so cli,
+    runner, grading and what they import at the top load at once."""
+    import subprocess
+
+    code = ("import sys\n"
+            "import tlhelpers.cli, tlhelpers.config, tlhelpers.display\n"
+            "import tlhelpers.grading, tlhelpers.kernels, tlhelpers.runner\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'matplotlib')\n"
+            "             if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

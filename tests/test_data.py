@@ -22,12 +22,12 @@ from PIL import Image
 from torchvision import transforms as T
 
 from tlhelpers import data
-from tlhelpers.data import (DOMAINS, SHAPES, TEXTURES, DataChecksumError,
-                            DataUnavailableError, Download, LabelledImages,
-                            LabelledSubset, digits, download, few_shot,
-                            image_folder, make_loaders, sample_photos,
-                            synthetic_images, train_val_split,
-                            verify_sha256, with_transform)
+from tlhelpers.data import (DOMAINS, SHAPES, TEXTURES, ChecksumError,
+                            Download, LabelledImages, LabelledSubset,
+                            UnavailableError, UnsafeArchiveError, digits,
+                            download, few_shot, image_folder, make_loaders,
+                            sample_photos, synthetic_images,
+                            train_val_split, verify_sha256, with_transform)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -588,9 +588,10 @@ def test_verify_sha256_accepts_the_right_digest_and_rejects_others(
     f = tmp_path / "f.bin"
     f.write_bytes(b"hello")
     good = hashlib.sha256(b"hello").hexdigest()
-    assert verify_sha256(f, good) == f
-    assert verify_sha256(f, good.upper()) == f
-    with pytest.raises(DataChecksumError, match="checksum mismatch"):
+    assert verify_sha256(f, good) == good
+    assert verify_sha256(f, good.upper()) == good
+    assert verify_sha256(f, good[:8]) == good  # a torch hub prefix
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
         verify_sha256(f, "0" * 64)
 
 
@@ -605,10 +606,10 @@ def test_download_verifies_unpacks_and_caches(tmp_path, monkeypatch, kind):
     assert not list((root / "toy").glob("*.part"))
     assert not (root / "toy" / path.name).exists()  # archive removed
 
-    def no_fetch(*args):
+    def no_fetch(*args, **kwargs):
         raise AssertionError("a cached dataset must not be fetched again")
 
-    monkeypatch.setattr(data, "_fetch", no_fetch)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_fetch)
     assert download(entry, root=root) == folder
 
 
@@ -624,7 +625,7 @@ def test_download_uses_the_course_cache_by_default(tmp_path):
 def test_download_with_a_wrong_checksum_leaves_nothing_behind(tmp_path):
     path, _ = make_archive(tmp_path)
     root = tmp_path / "cache"
-    with pytest.raises(DataChecksumError, match="checksum mismatch"):
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
         download(entry_for(path, "0" * 64), root=root, progress=False)
     assert list((root / "toy").iterdir()) == []
 
@@ -632,7 +633,7 @@ def test_download_with_a_wrong_checksum_leaves_nothing_behind(tmp_path):
 def test_download_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TLH_OFFLINE", "1")
     path, sha = make_archive(tmp_path)
-    with pytest.raises(DataUnavailableError, match="TLH_OFFLINE") as e:
+    with pytest.raises(UnavailableError, match="TLH_OFFLINE") as e:
         download(entry_for(path, sha), root=tmp_path / "c")
     msg = str(e.value)
     assert "copy it to" in msg and "synthetic_images()" in msg
@@ -641,7 +642,7 @@ def test_download_offline_says_what_to_do(tmp_path, monkeypatch):
 def test_download_network_failure_is_explained(tmp_path, no_network):
     entry = entry_for(tmp_path / "x.zip", "0" * 64,
                       url="http://example.invalid/x.zip")
-    with pytest.raises(DataUnavailableError, match="download failed"):
+    with pytest.raises(UnavailableError, match="download failed"):
         download(entry, root=tmp_path / "c", progress=False)
     assert not list((tmp_path / "c" / "toy").glob("*.part"))
 
@@ -662,9 +663,83 @@ def test_download_refuses_archives_that_escape_their_folder(tmp_path):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("../outside.txt", "x")
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    with pytest.raises(DataChecksumError, match="unsafe path"):
+    with pytest.raises(UnsafeArchiveError, match="unsafe path"):
         download(entry_for(path, sha), root=tmp_path / "c", progress=False)
     assert not (tmp_path / "c" / "outside.txt").exists()
+
+
+def test_download_refuses_a_tar_whose_link_leaves_its_folder(tmp_path):
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        link = tarfile.TarInfo("toy/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../outside"
+        tf.addfile(link)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(UnsafeArchiveError, match="unsafe entry"):
+        download(entry_for(path, sha, archive="tar.gz"),
+                 root=tmp_path / "c", progress=False)
+    assert not list((tmp_path / "c" / "toy").glob("toy"))
+
+
+def test_fetch_checks_the_file_and_leaves_nothing_when_it_is_wrong(
+        tmp_path):
+    source = tmp_path / "weights.bin"
+    source.write_bytes(b"weights")
+    good = hashlib.sha256(b"weights").hexdigest()
+    target = tmp_path / "cache" / "weights-abc.bin"
+    target.parent.mkdir()
+
+    def explain(why):
+        return f"no weights: {why}"
+
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
+        data.fetch(source.as_uri(), target, "0" * 8, explain,
+                   progress=False)
+    assert list(target.parent.iterdir()) == []
+    assert data.fetch(source.as_uri(), target, good[:8], explain,
+                      progress=False) == target
+    assert target.read_bytes() == b"weights"
+
+
+def test_fetch_offline_raises_the_callers_explanation(tmp_path,
+                                                      monkeypatch):
+    monkeypatch.setenv("TLH_OFFLINE", "1")
+    with pytest.raises(UnavailableError, match="^no weights: TLH_OFFLINE"):
+        data.fetch("http://example.invalid/w.bin", tmp_path / "w.bin",
+                   "0" * 8, lambda why: f"no weights: {why}")
+
+
+@pytest.mark.parametrize("value, kwargs, error, message", [
+    (True, {}, ValueError, "n must be an int, got True"),
+    (2.0, {}, ValueError, "n must be an int, got 2.0"),
+    (0, {"low": 1}, ValueError, "n must be an int >= 1, got 0"),
+    (9, {"low": 1, "high": 8}, ValueError, "from 1 to 8, got 9"),
+    ("3", {"error": TypeError}, TypeError, "n must be an int, got '3'"),
+    (0, {"low": 1, "why": " (images)"}, ValueError, "got 0 \\(images\\)"),
+])
+def test_check_int_refuses_bools_floats_and_out_of_range_values(
+        value, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        data.check_int(value, "n", **kwargs)
+
+
+def test_check_int_returns_a_good_value():
+    assert data.check_int(3, "n", low=1, high=3) == 3
+
+
+def test_course_datasets_say_what_their_items_depend_on():
+    shapes = synthetic_images(classes=3, n_per_class=2, image_size=32)
+    kind, drawn = shapes.fingerprint()
+    assert kind[:2] == ["shapes", "photo"] and len(drawn) == 6
+    sub = few_shot(shapes, 1)
+    assert sub.fingerprint() == [sub.indices, shapes]
+    images = LabelledImages([Image.new("RGB", (4, 4))], [0], ["a"])
+    assert images.fingerprint() == [[0], images.images]
+    plain = torch.utils.data.TensorDataset(torch.zeros(2, 3),
+                                           torch.tensor([0, 1]))
+    plain.classes, plain.targets = ["a", "b"], [0, 1]
+    wrapped = with_transform(plain, str)
+    assert wrapped.fingerprint() == [plain]
 
 
 def test_download_unknown_name_lists_the_registry():

@@ -60,9 +60,9 @@ def assert_incorrect(result, *phrases):
 
 def test_every_course_exercise_is_registered_in_course_order():
     assert list(EXERCISES) == [
-        "load_with_preprocessing", "linear_probe", "freeze_backbone",
-        "discriminative_lrs", "unfreezing_schedule", "pick_strategy",
-        "capstone", "text_classifier"]
+        "load_with_preprocessing", "linear_probe", "pick_layer",
+        "freeze_backbone", "discriminative_lrs", "unfreeze_by_hand",
+        "pick_strategy", "capstone", "text_classifier"]
     assert {e.notebook for e in EXERCISES.values()} == set(COURSE_NOTEBOOKS)
     for name, exercise in EXERCISES.items():
         assert getattr(exercises, name) is exercise
@@ -106,7 +106,7 @@ def test_exercise_texts_fit_a_notebook(exercise):
 def test_summary_lists_every_exercise_with_its_answer_variables():
     table = exercises.summary()
     assert [r["exercise"] for r in table] == list(EXERCISES)
-    assert table[2]["answer"] == "frozen_model"
+    assert table[3]["answer"] == "frozen_model"
 
 
 # --------------------------------------------------------- check itself
@@ -169,6 +169,47 @@ def test_hint_and_solution_print_and_solution_code_is_exposed(capsys):
     out = capsys.readouterr().out
     assert "requires_grad" in out
     assert exercises.freeze_backbone.solution_code in out
+
+
+@pytest.mark.parametrize("exercise", [
+    e for e in EXERCISES.values() if e.name != "capstone"],
+                         ids=lambda e: e.name)
+def test_hints_are_graduated_concept_api_then_code_shape(exercise, capsys):
+    """hint() is hint(1), the concept; 2 the API; 3 the code's shape;
+    each is new, and none is the solution pasted in."""
+    levels = exercise.hint_levels()
+    assert len(levels) == 3 and len(set(levels)) == 3
+    assert exercise.hint_text == levels[0]
+    exercise.hint()
+    first = capsys.readouterr().out
+    exercise.hint(1)
+    assert capsys.readouterr().out == first
+    assert f"Hint 1/3 ({exercise.name}): {levels[0]}" in first
+    assert f"exercises.{exercise.name}.hint(2)" in first
+    exercise.hint(3)
+    last = capsys.readouterr().out
+    assert levels[2] in last and f"{exercise.name}.solution()" in last
+    assert exercises.normalise_code(exercise.solution_code) not in (
+        exercises.normalise_code(" ".join(levels)))
+
+
+def test_a_hint_level_that_does_not_exist_is_explained(capsys):
+    exercises.linear_probe.hint(4)
+    exercises.linear_probe.hint(0)
+    out = capsys.readouterr().out
+    assert out.count("use hint(1) to hint(3), got") == 2
+
+
+def test_feedback_carries_the_first_hint_only():
+    from tlhelpers.grading import GradedNotebook, Gradebook
+
+    result = Result("unfreeze_by_hand", "incorrect", "why", 0.0, 1.0)
+    row = GradedNotebook("ann", "04_progressive_unfreezing.ipynb", "ok",
+                         results={"unfreeze_by_hand": result})
+    text = Gradebook(["unfreeze_by_hand"], [row]).feedback()["ann"]
+    levels = exercises.unfreeze_by_hand.hint_levels()
+    assert f"Hint: {levels[0]}" in text
+    assert levels[1] not in text and levels[2] not in text
 
 
 def test_result_text_and_points():
@@ -366,42 +407,167 @@ def test_discriminative_placeholder_is_not_attempted(untrained):
     assert result.status == "not attempted"
 
 
-# --------------------------------------------------- unfreezing_schedule
+# ------------------------------------------------------ unfreeze_by_hand
 
 
-def test_unfreezing_solution_passes(untrained):
-    namespace = _solve(exercises.unfreezing_schedule, pretrained=untrained)
-    result = _check(exercises.unfreezing_schedule, namespace)
+def _by_hand(schedule=None, head_lr=1e-3, factor=2.6, whole=True,
+             twins_same=True):
+    """An unfreeze_for_epoch with a chosen mistake.
+
+    schedule(epoch) -> how many groups from the head train.
+    """
+    def unfreeze_for_epoch(model, optimizer, epoch):
+        top_down = model.groups[::-1]
+        count = epoch if schedule is None else schedule(epoch)
+        training = top_down[:count]
+        for name, modules in models.layer_groups(model).items():
+            params = [p for m in modules for p in m.parameters()]
+            for i, param in enumerate(params):
+                param.requires_grad = name in training and (
+                    whole or i % 2 == 0)
+        for group in optimizer.param_groups:
+            name, _, twin = group["name"].partition("+")
+            lr = head_lr / factor ** top_down.index(name)
+            group["lr"] = lr if twins_same or not twin else lr * 2
+    return unfreeze_for_epoch
+
+
+def test_unfreeze_by_hand_solution_passes(untrained):
+    namespace = _solve(exercises.unfreeze_by_hand, pretrained=untrained)
+    result = _check(exercises.unfreeze_by_hand, namespace)
     assert result.passed, result
-    assert "head -> neck -> stage7 -> stage6" in result.message
+    assert "head 0.001 -> neck 0.00038 -> stage7 0.00015" in result.message
+
+
+def test_unfreeze_by_hand_leaves_the_learners_model_alone(untrained):
+    before = [p.requires_grad for p in untrained.model.parameters()]
+    exercises.unfreeze_by_hand.check(_by_hand(), untrained)
+    assert [p.requires_grad for p in untrained.model.parameters()] == before
 
 
 @pytest.mark.parametrize("kwargs, phrase", [
-    (dict(schedule=["head", "neck"], lr=1e-3), "only 1 of the groups"),
-    (dict(schedule={"head": 1, "neck": 2, "stage7": 2, "stage6": 3},
-          lr=1e-3), "both unfreeze at epoch 2"),
-    (dict(schedule={"head": 1, "neck": 1, "stage7": 2, "stage6": 3},
-          lr=1e-3), "neck also trains in epoch 1"),
-    (dict(schedule=["head", "neck", "stage7", "stage6"], lr=1e-3,
-          factor=1), "not slower than head"),
-    (dict(schedule=["head", "neck", "stage7", "stage6"], lr=0.1),
-     "too high destroys"),
-    (dict(schedule=["head", "stage7", "stage6", "stage5"], lr=1e-3),
-     "from the head down without gaps"),
-    (dict(schedule=["head", "neck", "stage7", "stage6"], lr=1e-3,
-          every=2), "one more group at each epoch"),
+    (dict(schedule=lambda e: e + 1), "in epoch 1 neck trains with the "
+                                     "head"),
+    (dict(schedule=lambda e: 1 if e < 3 else e), "in epoch 2 neck is "
+                                                 "still frozen"),
+    (dict(schedule=lambda e: 2 * e - 1), "in epoch 2 stage7 already "
+                                         "trains: only head and neck"),
+    (dict(factor=1.0), "not slower than head above it"),
+    (dict(factor=0.5), "not slower than head above it"),
+    (dict(head_lr=1e-2), "the head trains at 0.01: keep it at 0.001"),
+    (dict(whole=False), "part of a group trains"),
+    (dict(twins_same=False), "have different rates"),
 ])
-def test_unfreezing_mistakes_get_their_reason(untrained, kwargs, phrase):
-    schedule = training.GradualUnfreezing(**kwargs)
-    result = exercises.unfreezing_schedule.check(schedule, untrained)
+def test_unfreeze_by_hand_mistakes_get_their_reason(untrained, kwargs,
+                                                    phrase):
+    result = exercises.unfreeze_by_hand.check(_by_hand(**kwargs), untrained)
     assert_incorrect(result, phrase)
 
 
-def test_unfreezing_needs_a_schedule_object(untrained):
-    result = exercises.unfreezing_schedule.check({"head": 1}, untrained)
-    assert_incorrect(result, "must be a GradualUnfreezing")
-    result = exercises.unfreezing_schedule.check(..., untrained)
+def test_unfreeze_by_hand_rates_that_move_between_epochs_fail(untrained):
+    def drifting(model, optimizer, epoch):
+        _by_hand()(model, optimizer, epoch)
+        for group in optimizer.param_groups:
+            if not group["name"].startswith("head"):
+                group["lr"] /= epoch
+    result = exercises.unfreeze_by_hand.check(drifting, untrained)
+    assert_incorrect(result, "changed since the epoch before")
+
+
+def test_unfreeze_by_hand_placeholder_and_non_functions(untrained):
+    namespace = _placeholder(exercises.unfreeze_by_hand)
+    result = exercises.unfreeze_by_hand.check(
+        namespace["unfreeze_for_epoch"], untrained)
     assert result.status == "not attempted"
+    assert "still the placeholder" in result.message
+
+    def does_nothing_useful(model, optimizer, epoch):
+        return model
+    result = exercises.unfreeze_by_hand.check(does_nothing_useful,
+                                              untrained)
+    assert result.status == "not attempted"
+    assert "changes nothing yet" in result.message
+    result = exercises.unfreeze_by_hand.check({"head": 1}, untrained)
+    assert_incorrect(result, "must be a function")
+    result = exercises.unfreeze_by_hand.check(..., untrained)
+    assert result.status == "not attempted"
+
+
+# ------------------------------------------------------------ pick_layer
+
+LITE0_BELOW_HEAD = ["stem", "stage1", "stage2", "stage3", "stage4",
+                    "stage5", "stage6", "stage7", "neck"]
+# What the grader "measures" in the judging tests below: best in the
+# middle, the last layer well below it.
+GRADER_DEPTHS = dict(zip(LITE0_BELOW_HEAD, [0.3, 0.4, 0.5, 0.7, 0.85,
+                                            0.9, 0.88, 0.8, 0.6]))
+
+
+@pytest.fixture
+def grader_depths(monkeypatch):
+    monkeypatch.setattr(exercises.pick_layer, "measure",
+                        lambda images, labels: dict(GRADER_DEPTHS))
+
+
+def _pick(best_layer, layer_accuracy):
+    exercise = exercises.pick_layer
+    evidence = _roundtrip(exercise.collect(
+        {"best_layer": best_layer, "layer_accuracy": layer_accuracy}))
+    return exercise.grade(evidence, ("images", "labels"))
+
+
+def test_pick_layer_accepts_a_pick_near_the_graders_best(grader_depths):
+    own = dict(GRADER_DEPTHS, stage6=0.93)
+    result = _pick("stage6", own)
+    assert result.passed, result
+    assert "a probe after stage6 reaches 88%" in result.message
+    assert "the best layer there, stage5, 90%" in result.message
+
+
+@pytest.mark.parametrize("pick, own, phrase", [
+    ("neck", dict(GRADER_DEPTHS, neck=0.95), "specialised in ImageNet"),
+    ("stage2", dict(GRADER_DEPTHS, stage2=0.95), "more than 10% below"),
+    ("neck", dict(GRADER_DEPTHS), "your own measurements put stage5 (90%) "
+                                  "well ahead of your pick neck (60%)"),
+    ("head", dict(GRADER_DEPTHS), "choose one of the groups you measured"),
+    ("stage5", {"stage5": 0.9, "neck": 0.6}, "no measurement for stem, "
+                                             "stage1, stage2, stage3 and "
+                                             "3 more"),
+    ("stage5", dict(GRADER_DEPTHS, head=0.5), "not a group below the head"),
+    ("stage5", dict(GRADER_DEPTHS, stage5=90), "not between 0 and 1"),
+    ("stage5", dict(GRADER_DEPTHS, stage5="high"), "a number from 0 to 1"),
+])
+def test_pick_layer_mistakes_get_their_reason(grader_depths, pick, own,
+                                              phrase):
+    assert_incorrect(_pick(pick, own), phrase)
+
+
+def test_pick_layer_placeholder_is_not_attempted():
+    namespace = _placeholder(exercises.pick_layer)
+    result = exercises.pick_layer.check(namespace["best_layer"],
+                                        namespace["layer_accuracy"])
+    assert result.status == "not attempted"
+    result = exercises.pick_layer.grade(exercises.pick_layer.collect(
+        {"best_layer": "stage5", "layer_accuracy": {}}))
+    assert result.status == "not attempted" and "empty" in result.message
+
+
+def test_pick_layer_grader_draws_two_disjoint_sets(smoke):
+    images, labels = exercises.pick_layer.heldout(exercises.GRADING_SEED)
+    half = len(labels) // 2
+    assert len(labels) == 2 * 5 * 15
+    assert labels[:half].tolist() == labels[half:].tolist()
+    assert not torch.equal(images[:half], images[half:])
+
+
+@pytest.mark.slow
+def test_pick_layer_solution_passes_on_the_graders_own_images(smoke):
+    namespace = _solve(exercises.pick_layer)
+    result = exercises.pick_layer.grade(
+        _roundtrip(exercises.pick_layer.collect(namespace)),
+        exercises.pick_layer.heldout(exercises.GRADING_SEED))
+    assert result.passed, result
+    assert namespace["best_layer"] not in ("stem", "stage1", "stage2")
 
 
 # --------------------------------------------------------- pick_strategy
@@ -542,7 +708,7 @@ def _capstone_graded(model, relabel=lambda preds: preds):
     to the model's own predictions make a 100% model without training.
     """
     images, _ = exercises.capstone.heldout(exercises.CHECK_SEED)
-    images = exercises._to_pil(images)
+    images = exercises.to_pil(images)
     evidence = _roundtrip(exercises.capstone.collect(
         {"final_model": model}, images))
     preds = exercises._forward_images(images, model.transform,
@@ -588,7 +754,7 @@ def test_capstone_is_measured_from_its_weights_not_its_forward(
     with torch.no_grad():
         model.model.conv_head.weight.mul_(1.01)
     images, _ = exercises.capstone.heldout(exercises.CHECK_SEED)
-    images = exercises._to_pil(images)
+    images = exercises.to_pil(images)
     honest = exercises._forward_images(images, model.transform,
                                        model.model).argmax(1)
     model.model.forward = lambda x: torch.zeros(len(x), 5)
@@ -622,8 +788,8 @@ def test_evidence_survives_a_safe_save_and_load(untrained):
                                                pretrained=untrained)),
             (exercises.discriminative_lrs, _solve(
                 exercises.discriminative_lrs, pretrained=untrained)),
-            (exercises.unfreezing_schedule, _solve(
-                exercises.unfreezing_schedule, pretrained=untrained)),
+            (exercises.unfreeze_by_hand, _solve(
+                exercises.unfreeze_by_hand, pretrained=untrained)),
             (exercises.pick_strategy, _solve(exercises.pick_strategy)),
             (exercises.load_with_preprocessing, _solve(
                 exercises.load_with_preprocessing, pretrained=untrained))):
@@ -662,7 +828,7 @@ def test_text_heldout_sentences_use_only_words_unseen_in_training(smoke):
     seen = {w for ws in train.key_words.values() for w in ws}
     assert not any(w in s.lower().split() for s in sentences for w in seen)
     # Sentences pass through the grader's image conversion unchanged.
-    assert exercises._to_pil(_roundtrip(sentences)) == sentences
+    assert exercises.to_pil(_roundtrip(sentences)) == sentences
 
 
 @pytest.mark.slow

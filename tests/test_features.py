@@ -162,6 +162,27 @@ def test_unknown_datasets_are_fingerprinted_item_by_item():
                                   progress=False).from_cache
 
 
+def test_a_dataset_with_a_fingerprint_is_hashed_from_it_not_its_items():
+    class Drawn(Dataset):
+        def __init__(self, seed, inner=None):
+            self.seed, self.inner = seed, inner
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise AssertionError("the items must not be read")
+
+        def fingerprint(self):
+            return [self.seed] + ([self.inner] if self.inner else [])
+
+    assert F.data_fingerprint(Drawn(0)) == F.data_fingerprint(Drawn(0))
+    assert F.data_fingerprint(Drawn(0)) != F.data_fingerprint(Drawn(1))
+    # A wrapped dataset stands for its own fingerprint.
+    assert F.data_fingerprint(Drawn(0, Drawn(1))) != F.data_fingerprint(
+        Drawn(0, Drawn(2)))
+
+
 def test_data_fingerprint_follows_the_images_not_the_object():
     a, b = shapes(), shapes()
     assert F.data_fingerprint(a) == F.data_fingerprint(b)

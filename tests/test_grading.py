@@ -13,9 +13,9 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import nbformat
 import psutil
 import pytest
 import torch
@@ -81,7 +81,7 @@ EXPECTED = {
     # 1. The canary finds no seed, command line, environment or public
     # held-out images; it answers nothing.
     "seed_thief/02_feature_extraction.ipynb": (
-        {"linear_probe": "0"}, "0", "1", "cell errors",
+        {"linear_probe": "0", "pick_layer": "0"}, "0", "2", "cell errors",
         ["LookupError: leaks: none", "linear_probe: not attempted"]),
     # 2. Forged files, patched modules, claims in the kernel: no points.
     "forger/05_choosing_a_strategy.ipynb": (
@@ -100,7 +100,8 @@ EXPECTED = {
         ["the recording cell ran but wrote nothing for pick_strategy"]),
     # 3. The vandal cannot touch its own held-out copy or anyone else's.
     "vandal/02_feature_extraction.ipynb": (
-        {"linear_probe": "1"}, "1", "1", "ok", []),
+        {"linear_probe": "1", "pick_layer": "0"}, "1", "2", "ok",
+        ["pick_layer: not attempted"]),
     # 4. Honest work at the smallest memory limit accepted, scored here.
     "hana/06_capstone.ipynb": (
         {"capstone": "2"}, "2", "2", "ok",
@@ -152,6 +153,23 @@ EXPECTED = {
          "stray/05_choosing_a_strategy.ipynb: counted once, there"]),
     "stray/05_choosing_a_strategy.ipynb": (
         {"pick_strategy": "1"}, "1", "1", "ok", []),
+    # 8. The exercises that need thought: a layer picked from a real
+    # measurement, and an early one picked from made-up numbers, which
+    # the grader's own measurement on its own images refutes.
+    "pia/02_feature_extraction.ipynb": (
+        {"linear_probe": "0", "pick_layer": "1"}, "1", "2", "ok",
+        ["linear_probe: not attempted",
+         "the answer to pick_layer is the reference solution"]),
+    "quinn/02_feature_extraction.ipynb": (
+        {"linear_probe": "0", "pick_layer": "0"}, "0", "2", "ok",
+        ["pick_layer: incorrect: on the checker's own images a probe "
+         "after stage2 reaches", "below the best"]),
+    "nina/04_progressive_unfreezing.ipynb": (
+        {"unfreeze_by_hand": "1"}, "1", "1", "ok", []),
+    "omar/04_progressive_unfreezing.ipynb": (
+        {"unfreeze_by_hand": "0"}, "0", "1", "ok",
+        ["unfreeze_by_hand: incorrect: in epoch 1 stem, stage1, stage2, "
+         "stage3 and 5 more train with the head"]),
 }
 
 
@@ -702,6 +720,30 @@ def test_cells_skipped_for_time_are_a_timeout(tmp_path):
                          "all cells) was spent"]
 
 
+@pytest.mark.slow
+def test_a_cell_that_ignores_its_interrupt_is_named_when_killed(tmp_path):
+    """The watchdog kills the kernel; the row still says which cell ran
+    past the limit, and that the kernel was stopped."""
+    _sandbox_or_skip()
+    nb = _fixture("slowpoke/05_choosing_a_strategy.ipynb")
+    first = next(c for c in nb.cells if "time.sleep" in c.source)
+    first.source = ("import signal, time\n"
+                    "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                    "while True:\n    time.sleep(0.1)")
+    (tmp_path / "stubborn").mkdir()
+    nbformat.write(nb, tmp_path / "stubborn" / "05_choosing_a_strategy.ipynb")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TLH_SMOKE", "1")
+        book = grading.grade([tmp_path / "stubborn"],
+                             out=tmp_path / "book.csv", timeout=5,
+                             progress=False)
+    (row,) = book.rows
+    assert row.status == "timeout"
+    assert f"cell {nb.cells.index(first) + 1} (" in row.message
+    assert "ran past the time limit and was interrupted" in row.message
+    assert "stopped at the time limit (a cell did not obey" in row.message
+
+
 def test_messages_hide_grading_folders_and_addresses(tmp_path):
     text = f"open {tmp_path}/a.pt failed at <object at 0x7f3a2b1c9d40>"
     assert grading._clean(text, tmp_path) == (
@@ -852,72 +894,7 @@ def test_threat_model_is_documented():
     assert "bubblewrap" in doc and "RLIMIT_AS" in doc
 
 
-# ------------------------------------------------------------- limits
-
-
-def _python(code):
-    return subprocess.Popen([sys.executable, "-c", code])
-
-
-def _watch(code, limit_bytes, deadline=None):
-    """Run `code` under a watchdog until it acts; return (reason, alive)."""
-    proc = _python(code)
-    watchdog = grading._Watchdog(limit_bytes, interval=0.05)
-    watchdog.pid, watchdog.deadline = proc.pid, deadline
-    watchdog.start()
-    try:
-        end = time.monotonic() + 30
-        while watchdog.reason is None and time.monotonic() < end:
-            time.sleep(0.05)
-        time.sleep(0.2)
-        alive = (psutil.pid_exists(proc.pid)
-                 and psutil.Process(proc.pid).status() != "zombie")
-    finally:
-        watchdog.stop()
-        proc.kill()
-        proc.wait()
-    return watchdog.reason, alive
-
-
-def test_watchdog_kills_a_kernel_past_its_memory():
-    reason, alive = _watch(
-        "import time\nx = bytearray(300 * 2**20)\ntime.sleep(60)",
-        limit_bytes=100 * 2**20)
-    assert reason == "memory" and not alive
-
-
-def test_watchdog_kills_a_cell_that_ignores_its_interrupt():
-    reason, alive = _watch("import time\ntime.sleep(60)",
-                           limit_bytes=2**40, deadline=0.0)
-    assert reason == "timeout" and not alive
-
-
-def test_a_kill_spares_a_process_that_reused_the_pid():
-    """Pids are checked against their start time before a kill."""
-    proc = _python("import time; time.sleep(60)")
-    try:
-        started = grading._started(proc.pid)
-        assert started is not None
-        grading._kill_tree(proc.pid, started + 1.0)  # another process
-        time.sleep(0.2)
-        assert proc.poll() is None
-        grading._kill_tree(proc.pid, started)
-        assert proc.wait(timeout=10) is not None
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").exists(),
-                    reason="rlimits are enforced on Linux")
-def test_memory_limit_turns_a_hog_into_a_memory_error():
-    code = ("from tlhelpers.grading import _limit_memory\n"
-            "_limit_memory(300)\n"
-            "try:\n    x = bytearray(2**30)\n"
-            "except MemoryError:\n    print('MemoryError')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                         text=True, timeout=60)
-    assert out.stdout.strip() == "MemoryError", out.stderr
+# ------------------------------------------------------------ sandbox
 
 
 def test_the_sandbox_binds_only_what_the_kernel_needs(tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from tlhelpers import models as M
+from tlhelpers.data import ChecksumError, UnavailableError
 
 # ImageNet ids of the right answers for scikit-image's bundled photos.
 CAT_IDS = set(range(281, 286))          # tabby ... Egyptian cat
@@ -22,6 +23,13 @@ ROCKET_IDS = {657, 744, 812}            # missile, projectile, space shuttle
 @pytest.fixture(scope="module")
 def lite0():
     return M.load_pretrained("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def lite0_three_classes():
+    """Lite0 with ImageNet weights and a new 3-class head, loaded once:
+    tests deepcopy it instead of reading and hashing the file again."""
+    return M.load_pretrained("efficientnet_lite0", num_classes=3)
 
 
 def _photo(name):
@@ -116,7 +124,7 @@ def test_corrupted_weights_file_is_refused(tmp_path, monkeypatch):
     data = M.lite0_weights_path().read_bytes()
     broken.write_bytes(data[: len(data) // 2])
     monkeypatch.setattr(M, "lite0_weights_path", lambda: broken)
-    with pytest.raises(M.WeightsChecksumError, match="corrupted or trunc"):
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
         M.load_pretrained("efficientnet_lite0")
 
 
@@ -153,7 +161,7 @@ def test_torchvision_model_with_empty_cache_explains_offline_choice(
         tmp_path, monkeypatch, no_network):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "empty"))
     assert not M.weights_available_offline("resnet18")
-    with pytest.raises(M.WeightsUnavailableError) as err:
+    with pytest.raises(UnavailableError) as err:
         M.load_pretrained("resnet18")
     text = str(err.value)
     assert "'resnet18'" in text and "download" in text
@@ -169,7 +177,7 @@ def test_offline_mode_never_tries_the_network(tmp_path, monkeypatch):
         raise AssertionError("a download was attempted")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    with pytest.raises(M.WeightsUnavailableError, match="TLH_OFFLINE"):
+    with pytest.raises(UnavailableError, match="TLH_OFFLINE"):
         M.load_pretrained("mobilenet_v3_small")
 
 
@@ -177,7 +185,7 @@ def test_corrupted_torchvision_cache_file_is_refused(tmp_path, monkeypatch):
     _fake_torchvision_cache(tmp_path, monkeypatch)
     path = M.torchvision_cache_path("resnet18")
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(M.WeightsChecksumError, match="resnet18"):
+    with pytest.raises(ChecksumError, match="resnet18"):
         M.load_pretrained("resnet18")
 
 
@@ -234,7 +242,7 @@ def test_groups_cover_every_parameter_exactly_once(name):
     pm = M.load_pretrained(name, weights=None, num_classes=4, image_size=64)
     seen = []
     for mods in M.layer_groups(pm).values():
-        seen += [id(p) for p in M._group_params(mods)]
+        seen += [id(p) for p in M.group_parameters(mods)]
     assert len(seen) == len(set(seen))
     assert set(seen) == {id(p) for p in pm.model.parameters()}
     assert pm.groups[-1] == "head"
@@ -311,7 +319,8 @@ def _optimizers():
 @pytest.mark.parametrize("opt_name", list(_optimizers()))
 @pytest.mark.parametrize("how", ["optimizer_after_freeze",
                                  "optimizer_before_freeze"])
-def test_frozen_groups_stay_bit_identical_after_real_steps(opt_name, how):
+def test_frozen_groups_stay_bit_identical_after_real_steps(
+        opt_name, how, lite0_three_classes):
     """Frozen weights and BatchNorm buffers do not move, the head does.
 
     "optimizer_before_freeze" is the classic trap: the optimizer holds
@@ -320,7 +329,7 @@ def test_frozen_groups_stay_bit_identical_after_real_steps(opt_name, how):
     gradients that momentum and weight decay would still act on.
     """
     torch.manual_seed(0)
-    pm = M.load_pretrained("efficientnet_lite0", num_classes=3)
+    pm = copy.deepcopy(lite0_three_classes)
     make = _optimizers()[opt_name]
     if how == "optimizer_before_freeze":
         optimizer = make(pm.model.parameters())
@@ -571,48 +580,6 @@ def test_custom_split_is_remembered_for_freezing():
         M.layer_groups(net, split="body")
 
 
-def test_tlhelpers_modules_import_without_cycles():
-    """No tlhelpers module imports, at import time, one that (directly or
-    not) imports it back. Imports inside functions are not counted."""
-    import ast
-    import pkgutil
-
-    import tlhelpers
-
-    graph = {}
-    for info in pkgutil.iter_modules(tlhelpers.__path__):
-        path = Path(tlhelpers.__path__[0]) / f"{info.name}.py"
-        tree = ast.parse(path.read_text())
-        deps = set()
-        top = [n for stmt in tree.body for n in ast.walk(stmt)
-               if not isinstance(stmt, (ast.FunctionDef, ast.ClassDef,
-                                        ast.AsyncFunctionDef))]
-        for node in top:
-            if isinstance(node, ast.ImportFrom) and node.module:
-                if node.module == "tlhelpers":
-                    deps |= {a.name for a in node.names}
-                elif node.module.startswith("tlhelpers."):
-                    deps.add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names
-                         if a.name.startswith("tlhelpers.")}
-        graph[info.name] = deps & {i.name for i in
-                                   pkgutil.iter_modules(tlhelpers.__path__)}
-
-    def reaches(start, target, seen):
-        for dep in graph[start]:
-            if dep == target:
-                return True
-            if dep not in seen:
-                seen.add(dep)
-                if reaches(dep, target, seen):
-                    return True
-        return False
-
-    cycles = sorted(m for m in graph if reaches(m, m, set()))
-    assert cycles == [], f"modules in an import cycle: {cycles}"
-
-
 # ------------------------------------------------------ BatchNorm policy
 
 
@@ -685,3 +652,32 @@ def test_unknown_bn_stats_policy_lists_the_valid_ones():
     pm = M.load_pretrained("resnet18", weights=None)
     with pytest.raises(ValueError, match="'frozen_groups'"):
         M.freeze(pm, bn_stats="fixed")
+
+
+def test_no_notebook_or_solution_patches_batchnorm_with_a_hook():
+    """The course keeps BatchNorm statistics in check with bn_stats: no
+    notebook, hint or solution registers a forward hook of its own."""
+    root = Path(__file__).resolve().parents[1]
+    texts = {path.name: path.read_text(encoding="utf-8")
+             for path in sorted((root / "notebooks").glob("*.ipynb"))}
+    assert len(texts) >= 7
+    texts["exercises.py"] = (root / "tlhelpers" / "exercises.py").read_text(
+        encoding="utf-8")
+    hooked = [name for name, text in texts.items()
+              if "register_forward" in text]
+    assert hooked == [], f"hand-written forward hooks in {hooked}"
+
+
+def test_eval_mode_gives_back_the_models_mode_even_after_an_error():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+    with M.eval_mode(net.train()) as inside:
+        assert inside is net and not net.training
+        assert not net[1].training
+    assert net.training and net[1].training
+    with pytest.raises(RuntimeError, match="boom"):
+        with M.eval_mode(net):
+            raise RuntimeError("boom")
+    assert net.training
+    with M.eval_mode(net.eval()):
+        pass
+    assert not net.training

@@ -92,7 +92,8 @@ def test_readme_exercise_list_matches_the_notebooks():
 def _nbval(folder, env_extra, timeout):
     # The two passes run side by side on two cores: one thread per kernel
     # avoids oversubscription, which slows torch down many times over.
-    env = dict(os.environ, TLH_SMOKE="1", OMP_NUM_THREADS="1", **env_extra)
+    env = dict(os.environ, TLH_SMOKE="1", OMP_NUM_THREADS="1",
+               TLH_PROGRESS="0", **env_extra)
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-q",
            "-p", "no:cacheprovider", "-p", "no:xdist",
            "--nbval-cell-timeout", "300", str(folder)]

@@ -1,14 +1,15 @@
 """Tests of tlhelpers.runner through `tlcourse run`: real kernels, tiny
-notebooks (each kernel start takes a second or two)."""
+notebooks (each kernel start takes a second or two, so the tests that
+start one are marked slow, and the course builds are shared)."""
 
+import contextlib
+import io
 import json
-import subprocess
 import sys
 import time
 import types
 
 import nbformat
-import psutil
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
@@ -36,10 +37,9 @@ def outputs_text(path):
     return "\n".join(parts)
 
 
-@pytest.fixture
-def course(tmp_path):
+def make_course(root):
     """A course folder: 01 passes, 02 fails at cell 2, 03 would pass."""
-    nbs = tmp_path / "course" / "notebooks"
+    nbs = root / "course" / "notebooks"
     write_nb(nbs / "01_ok.ipynb",
              ("md", "# A passing notebook"),
              "import os, sys\n"
@@ -52,30 +52,84 @@ def course(tmp_path):
              "y = 1",
              "raise ValueError('the answer is not 41')\n# more",
              "print('never reached')")
-    write_nb(nbs / "03_after.ipynb", "print('ran after the failure')")
-    return tmp_path / "course"
+    write_nb(nbs / "03_after.ipynb",
+             "from tlhelpers import config\n"
+             "print('ran after the failure, smoke', config.smoke_mode())")
+    return root / "course"
 
 
-def test_run_stops_at_failing_cell_and_names_notebook_and_cell(
-        course, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(course)
-    monkeypatch.setenv("MPLBACKEND", "Agg")  # as CI sets it
-    out = tmp_path / "build"
-    code = cli.main(["run", "--smoke", "--no-progress", "--out", str(out)])
-    captured = capsys.readouterr()
+@pytest.fixture
+def course(tmp_path):
+    """A course folder of three notebooks (see make_course)."""
+    return make_course(tmp_path)
+
+
+def tlcourse(argv, cwd=None, **environ):
+    """Run `tlcourse ARGV`; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        if cwd is not None:
+            mp.chdir(cwd)
+        for key, value in environ.items():
+            if value is None:
+                mp.delenv(key, raising=False)
+            else:
+                mp.setenv(key, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Return build(name): one of the course builds below, run once.
+
+    "stopped": `tlcourse run --smoke --jobs 1` in the course folder,
+    which stops at 02's failing cell. "kept_going": `--keep-going` in full mode over
+    02 and 03. Each is (build folder, exit code, stdout, stderr), run
+    when a test first asks for it (a test worker runs only its own).
+    """
+    root = tmp_path_factory.mktemp("runner")
+    course = make_course(root)
+    nbs = course / "notebooks"
+    argv = {
+        # One at a time: with --jobs 2 a notebook listed after the
+        # failing one may start before the failure is known (tested
+        # below, test_jobs_run_notebooks_side_by_side...).
+        "stopped": (["run", "--smoke", "--no-progress", "--jobs", "1"],
+                    {"cwd": course, "MPLBACKEND": "Agg"}),  # as CI sets it
+        "kept_going": (["run", "--keep-going", "--no-progress",
+                        str(nbs / "02_bad.ipynb"),
+                        str(nbs / "03_after.ipynb")], {"TLH_SMOKE": None}),
+    }
+    done = {}
+
+    def build(name):
+        if name not in done:
+            words, environ = argv[name]
+            out = root / name
+            done[name] = (out, *tlcourse(words + ["--out", str(out)],
+                                         **environ))
+        return done[name]
+
+    return build
+
+
+@pytest.mark.slow
+def test_run_stops_at_failing_cell_and_names_notebook_and_cell(builds):
+    out, code, stdout, err = builds("stopped")
 
     assert code == 1
-    err = captured.err
     assert "02_bad.ipynb" in err
     assert "cell 2 of 3" in err
     assert "raise ValueError('the answer is not 41')" in err
     assert "ValueError: the answer is not 41" in err
     assert "01_ok.ipynb" not in err  # the passing one is not blamed
     # stop on the first failure: 03 was not run, and says so
-    assert "not run  03_after.ipynb" in captured.out
+    assert "not run  03_after.ipynb" in stdout
     assert not (out / "03_after.ipynb").exists()
-    assert f"HTML build: {out / 'index.html'}" in captured.out
-    assert captured.out.strip().endswith(
+    assert f"HTML build: {out / 'index.html'}" in stdout
+    assert stdout.strip().endswith(
         "notebooks: 1 passed, 1 failed, 1 skipped")
 
     # executed notebooks, with outputs; the failing one up to its error
@@ -110,37 +164,20 @@ def test_run_stops_at_failing_cell_and_names_notebook_and_cell(
     assert not list(out.glob(".*.tmp"))  # atomic writes left no temp files
 
 
-def test_keep_going_runs_the_notebooks_after_a_failure(
-        course, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("TLH_SMOKE", raising=False)
-    out = tmp_path / "build"
-    nbs = course / "notebooks"
-    code = cli.main(["run", "--keep-going", "--no-progress", "--out",
-                     str(out), str(nbs / "02_bad.ipynb"),
-                     str(nbs / "03_after.ipynb")])
-    captured = capsys.readouterr()
-
+@pytest.mark.slow
+def test_keep_going_runs_the_notebooks_after_a_failure_in_full_mode(
+        builds):
+    out, code, stdout, err = builds("kept_going")
     assert code == 1
-    assert "FAILED 02_bad.ipynb, cell 2 of 3" in captured.err
-    assert "ran after the failure" in outputs_text(out / "03_after.ipynb")
-    assert "mode: full" in captured.out
-    last = captured.out.strip().splitlines()[-1]
+    assert "FAILED 02_bad.ipynb, cell 2 of 3" in err
+    assert "ran after the failure, smoke False" in outputs_text(
+        out / "03_after.ipynb")
+    assert "mode: full" in stdout
+    last = stdout.strip().splitlines()[-1]
     assert last == "notebooks: 1 passed, 1 failed, 0 skipped"
 
 
-def test_passing_run_exits_zero_and_reports_full_mode(
-        course, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("TLH_SMOKE", raising=False)
-    out = tmp_path / "build"
-    code = cli.main(["run", "--no-progress", "--out", str(out),
-                     str(course / "notebooks" / "01_ok.ipynb")])
-    assert code == 0
-    assert "smoke False" in outputs_text(out / "01_ok.ipynb")
-    out_text = capsys.readouterr().out
-    assert "mode: full" in out_text
-    assert "notebooks: 1 passed, 0 failed, 0 skipped" in out_text
-
-
+@pytest.mark.slow
 def test_peak_memory_sees_what_the_kernel_allocated(tmp_path):
     nb = write_nb(tmp_path / "01_big.ipynb",
                   "block = bytearray(b'x') * (150 * 2**20)\n"
@@ -151,35 +188,7 @@ def test_peak_memory_sees_what_the_kernel_allocated(tmp_path):
     assert result.peak_mem_mb > 150
 
 
-def test_peak_memory_tracks_a_child_process():
-    code = ("import time; b = bytearray(b'x') * (120 * 2**20); "
-            "time.sleep(1.0)")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    with runner.PeakMemory(proc.pid, interval=0.02) as memory:
-        proc.wait()
-    assert memory.peak_bytes > 120 * 2**20
-
-
-def test_tree_rss_counts_children_and_says_none_when_gone():
-    child = ("import time; b = bytearray(b'x') * (100 * 2**20); "
-             "time.sleep(30)")
-    parent = ("import subprocess, sys, time; "
-              f"subprocess.Popen([sys.executable, '-c', {child!r}]); "
-              "time.sleep(30)")
-    proc = subprocess.Popen([sys.executable, "-c", parent])
-    try:
-        deadline = time.monotonic() + 20
-        while (runner.tree_rss(proc.pid) or 0) < 100 * 2**20:
-            assert time.monotonic() < deadline, "the child never showed up"
-            time.sleep(0.05)
-    finally:
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            p.kill()
-        proc.kill()
-        proc.wait()
-    assert runner.tree_rss(proc.pid) is None
-
-
+@pytest.mark.slow
 def test_a_cell_asking_for_input_fails_instead_of_waiting(tmp_path):
     nb = write_nb(tmp_path / "01_ask.ipynb", "name = input('name? ')")
     start = time.perf_counter()
@@ -190,6 +199,7 @@ def test_a_cell_asking_for_input_fails_instead_of_waiting(tmp_path):
     assert "input" in result.error.first_line
 
 
+@pytest.mark.slow
 def test_timeout_names_the_slow_cell_and_the_option(tmp_path, capsys):
     nb = write_nb(tmp_path / "01_slow.ipynb",
                   "x = 1", "import time\ntime.sleep(60)")
@@ -203,6 +213,7 @@ def test_timeout_names_the_slow_cell_and_the_option(tmp_path, capsys):
     assert "--timeout" in err
 
 
+@pytest.mark.slow
 def test_a_notebooks_time_limit_covers_all_its_cells(tmp_path):
     """Two cells of 3 s each under a 5 s limit: the second one stops."""
     nb = write_nb(tmp_path / "01_two.ipynb", "import time\ntime.sleep(3)",
@@ -212,6 +223,7 @@ def test_a_notebooks_time_limit_covers_all_its_cells(tmp_path):
     assert result.error.cell == 2 and result.error.ename == "Timeout"
 
 
+@pytest.mark.slow
 def test_no_time_limit_with_timeout_0(tmp_path):
     nb = write_nb(tmp_path / "01_ok.ipynb", "x = 1")
     assert runner.execute_notebook(nb, tmp_path / "o", timeout=0).status \
@@ -220,6 +232,7 @@ def test_no_time_limit_with_timeout_0(tmp_path):
         runner.execute_notebook(nb, tmp_path / "o", timeout=-1)
 
 
+@pytest.mark.slow
 def test_solutions_are_filled_in_and_run_in_strict_mode(
         tmp_path, monkeypatch, capsys):
     nb = write_nb(tmp_path / "01_exercise.ipynb",
@@ -314,16 +327,7 @@ def test_two_notebooks_with_one_name_are_refused(tmp_path):
         runner.run_course([a, b], tmp_path / "out", progress=False)
 
 
-def test_cell_error_reads_like_a_sentence():
-    err = runner.CellError(cell=3, cells=9, first_line="model.fit()",
-                           ename="RuntimeError", evalue="out of memory")
-    assert str(err) == ("cell 3 of 9 (model.fit()): "
-                        "RuntimeError: out of memory")
-    early = runner.CellError(cell=None, cells=9, first_line="",
-                             ename="RuntimeError", evalue="no kernel")
-    assert str(early).startswith("before the first cell")
-
-
+@pytest.mark.slow
 def test_a_failed_html_export_is_a_warning_not_a_failed_run(
         tmp_path, monkeypatch, capsys):
     def no_templates(nb, path):
@@ -342,6 +346,7 @@ def test_a_failed_html_export_is_a_warning_not_a_failed_run(
     assert "no HTML page" in (out / "index.html").read_text()
 
 
+@pytest.mark.slow
 def test_a_dying_kernel_is_named_with_the_likely_cause(tmp_path):
     nb = write_nb(tmp_path / "01_die.ipynb",
                   "x = 1", "import os\nos._exit(1)  # as the OOM killer",
@@ -351,3 +356,94 @@ def test_a_dying_kernel_is_named_with_the_likely_cause(tmp_path):
     assert result.error.cell == 2
     assert result.error.ename == "KernelDied"
     assert "out of memory" in result.error.evalue
+
+
+@pytest.mark.slow
+def test_jobs_run_notebooks_side_by_side_and_stop_starting_after_a_failure(
+        tmp_path, monkeypatch):
+    """01 can only finish if 02 runs at the same time, and it finishes
+    after 02's result is written; 02 fails, so 03, which would start
+    next, is not run. Each kernel gets its share of the cores."""
+    from tlhelpers import kernels
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    mark = tmp_path / "02_started"
+    out = tmp_path / "out"
+    nbs = tmp_path / "nbs"
+    write_nb(nbs / "01_waits.ipynb",
+             "import os, pathlib, time\n"
+             f"mark = pathlib.Path({str(mark)!r})\n"
+             f"page = pathlib.Path({str(out / '02_fails.html')!r})\n"
+             f"nb = pathlib.Path({str(out / '02_fails.ipynb')!r})\n"
+             "def finished():  # its page, last; or its notebook, long ago\n"
+             "    return page.exists() or (\n"
+             "        nb.exists() and time.time() - nb.stat().st_mtime > 15)\n"
+             "deadline = time.monotonic() + 120\n"
+             "while not (mark.exists() and finished()) \\\n"
+             "        and time.monotonic() < deadline:\n"
+             "    time.sleep(0.1)\n"
+             "assert mark.exists(), '02 did not run beside 01'\n"
+             "time.sleep(2)  # 02's run returns once its page is written\n"
+             "print('threads', os.environ['OMP_NUM_THREADS'])")
+    write_nb(nbs / "02_fails.ipynb",
+             "import pathlib\n"
+             f"pathlib.Path({str(mark)!r}).touch()\n"
+             "raise ValueError('02 fails')")
+    write_nb(nbs / "03_next.ipynb", "print('started after a failure')")
+    build = runner.run_course(sorted(nbs.glob("*.ipynb")), out,
+                              progress=False, jobs=2)
+    assert [r.status for r in build.results] == [
+        "passed", "failed", "not run"]
+    assert f"threads {kernels.jobs_threads(2)}" in outputs_text(
+        out / "01_waits.ipynb")
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True, "2"])
+def test_jobs_must_be_a_whole_number_of_one_or_more(tmp_path, jobs):
+    nb = write_nb(tmp_path / "01_x.ipynb", "x = 1")
+    with pytest.raises(ValueError, match="jobs must be a whole number"):
+        runner.run_course([nb], tmp_path / "out", progress=False,
+                          jobs=jobs)
+
+
+def test_run_jobs_option_rejects_what_is_not_a_count(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["run", "--jobs", "0", str(tmp_path / "01_x.ipynb")])
+    assert stop.value.code == 2
+    assert "give a whole number, 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_notebooks_running_side_by_side(tmp_path, monkeypatch):
+    """Ctrl-C reaches only the main thread: the kernels it waits on in
+    other threads are killed, not left to run to their end."""
+    import os
+    import signal
+    import threading
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    nbs = tmp_path / "nbs"
+    for name in ("01_long", "02_long"):
+        write_nb(nbs / f"{name}.ipynb",
+                 "import pathlib, time\n"
+                 f"pathlib.Path({str(tmp_path / name)!r} + '.started')"
+                 ".touch()\n"
+                 "time.sleep(120)\n"
+                 f"pathlib.Path({str(tmp_path / name)!r} + '.finished')"
+                 ".touch()")
+    started = [tmp_path / "01_long.started", tmp_path / "02_long.started"]
+
+    def press_ctrl_c():
+        deadline = time.monotonic() + 90
+        while not all(p.exists() for p in started) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_course(sorted(nbs.glob("*.ipynb")), tmp_path / "out",
+                          progress=False, jobs=2)
+    assert all(p.exists() for p in started), "both notebooks ran"
+    assert not list(tmp_path.glob("*.finished")), \
+        "a notebook ran to its end after Ctrl-C"

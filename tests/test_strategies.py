@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tlhelpers import data, models
+from tlhelpers import data, kernels, models
 from tlhelpers import strategies as S
 
 
@@ -140,6 +140,64 @@ def test_fine_tune_runs_a_schedule_across_the_unfreeze(schedule):
     assert len(set(heads)) == 3   # the schedule moved the rates
 
 
+class _StopAfter:
+    """A live hook that interrupts the run after one epoch, as Ctrl-C."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def update(self, history):
+        if history[-1]["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _fine_tune_run(seed, path, schedule, stop_after=None, resume=False):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    train, val = loaders()
+    history = S.fine_tune(
+        model, train, val, epochs=4, lr=1e-2, warmup_epochs=1,
+        schedule=schedule, checkpoint=path, resume=resume,
+        live=_StopAfter(stop_after) if stop_after else None,
+        progress=False)
+    return model, history
+
+
+@pytest.mark.parametrize("schedule", ["one_cycle", "cosine"])
+def test_fine_tune_stopped_after_the_unfreeze_resumes_exactly(tmp_path,
+                                                              schedule):
+    """The schedule runs across the unfreeze and resumes bit-identical."""
+    full_model, full = _fine_tune_run(0, tmp_path / "full.pt", schedule)
+    path = tmp_path / "stopped.pt"
+    _, part = _fine_tune_run(0, path, schedule, stop_after=2)
+    assert len(part) == 2
+    assert {e["epoch"] for e in part.events} == {1, 2}  # unfrozen
+    # a fresh process: other initial weights, same code
+    model, resumed = _fine_tune_run(7, path, schedule, resume=True)
+    assert len(resumed) == 4
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    drop_time = [{k: v for k, v in row.items() if k != "time"}
+                 for row in full.epochs]
+    assert [{k: v for k, v in row.items() if k != "time"}
+            for row in resumed.epochs] == drop_time
+
+
+def test_fine_tune_without_warm_up_trains_every_group_from_epoch_one():
+    model = TinyNet()
+    seen = {}
+
+    class Watch:
+        def update(self, history):
+            seen[history[-1]["epoch"]] = dict(models.group_status(model))
+
+    S.fine_tune(model, loaders()[0], None, epochs=2, lr=1e-2,
+                warmup_epochs=0, live=Watch(), progress=False)
+    assert all(seen[1].values()) and all(seen[2].values())
+    with pytest.raises(ValueError, match="warmup_epochs must be an int"):
+        S.fine_tune(TinyNet(), loaders()[0], epochs=2, warmup_epochs=-1)
+
+
 def test_fine_tune_needs_epochs_after_the_warm_up():
     with pytest.raises(ValueError, match="fewer than epochs"):
         S.fine_tune(TinyNet(), loaders()[0], epochs=1, warmup_epochs=1)
@@ -214,6 +272,22 @@ def test_peak_memory_sees_a_large_allocation():
     with S._PeakMemory(torch.device("cpu")) as mem:
         block = torch.ones(64, 2 ** 20 // 4)  # 64 MB of float32
         block += 1
-        time.sleep(0.05)
+        # Long enough for the 5 ms sampler thread to run on a busy machine.
+        time.sleep(0.5)
+    del block
+    assert mem.mb > 40
+
+
+def test_peak_memory_counts_a_block_that_reuses_freed_memory():
+    # With the course's allocator, malloc keeps up to 256 MB after a free;
+    # a later block reuses it without growing the resident set, which is
+    # what an earlier strategy in compare_strategies leaves behind.
+    kernels.tune_allocator()
+    earlier = [torch.ones(2 ** 20) + 1 for _ in range(24)]  # 24 x 4 MB
+    del earlier
+    with S._PeakMemory(torch.device("cpu")) as mem:
+        block = torch.ones(64, 2 ** 20 // 4)
+        block += 1
+        time.sleep(0.5)
     del block
     assert mem.mb > 40

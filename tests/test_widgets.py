@@ -11,6 +11,8 @@ from torch import nn
 
 from tlhelpers import models, plots, widgets
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
 
 @pytest.fixture(autouse=True)
 def _close_figures():
@@ -292,12 +294,114 @@ def test_feature_map_browser_slider_switches_stage():
                                           channels=3)
     assert list(browser.slider.options) == ["stem", "body"]
     assert browser.stage == "stem" and browser.png[:4] == b"\x89PNG"
+    assert browser.output.value == browser.png
     first = browser.png
     browser.slider.value = "body"  # fires the observer, as a drag would
     assert browser.stage == "body" and browser.png != first
+    assert browser.output.value == browser.png  # the widget shows it
     browser.show(0)
     assert browser.stage == "stem"
     assert plots._pyplot().get_fignums() == []
+
+
+def test_feature_map_browser_draws_into_an_image_widget_not_an_output():
+    """An Output widget would make a headless run hang (nbclient #312)."""
+    browser = widgets.feature_map_browser(ToyNet(), torch.rand(3, 8, 8))
+    assert isinstance(browser.output, ipywidgets.Image)
+    assert not any(isinstance(w, ipywidgets.Output)
+                   for w in browser.widget.children)
+
+
+def test_feature_map_browser_unwatched_shows_a_static_figure(monkeypatch):
+    monkeypatch.setenv("TLH_PROGRESS", "0")
+    browser = widgets.feature_map_browser(ToyNet(), torch.rand(3, 8, 8))
+    bundle = browser._repr_mimebundle_()
+    assert WIDGET_VIEW not in bundle
+    assert base64.b64decode(bundle["image/png"]) == browser.png
+    assert bundle["image/png"] in bundle["text/html"]
+    assert bundle["text/plain"] == browser.note()
+    assert "layer group 1 of 2 (stem)" in browser.note()
+
+
+def test_feature_map_browser_watched_shows_the_widget_with_a_fallback(
+        monkeypatch):
+    monkeypatch.delenv("TLH_PROGRESS", raising=False)
+    browser = widgets.feature_map_browser(ToyNet(), torch.rand(3, 8, 8))
+    browser.show("body")
+    bundle = browser._repr_mimebundle_()
+    assert bundle[WIDGET_VIEW]["model_id"] == browser.widget.model_id
+    assert base64.b64decode(bundle["image/png"]) == browser.png
+    assert "layer group 2 of 2 (body)" in bundle["text/plain"]
+
+
+def test_explorer_unwatched_is_a_one_line_note(monkeypatch):
+    ex = explorer([])
+    monkeypatch.setenv("TLH_PROGRESS", "0")
+    assert list(ex._repr_mimebundle_()) == ["text/plain"]
+    monkeypatch.setenv("TLH_PROGRESS", "1")
+    bundle = ex._repr_mimebundle_()
+    assert bundle[WIDGET_VIEW]["model_id"] == ex.widget.model_id
+    assert bundle["text/plain"].startswith("Training explorer")
+
+
+BROWSER_CELLS = [
+    "import torch\n"
+    "from torch import nn\n"
+    "from tlhelpers.widgets import FeatureMapBrowser\n"
+    "class ToyNet(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))\n"
+    "        self.body = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2),\n"
+    "                                  nn.AdaptiveAvgPool2d(1),\n"
+    "                                  nn.Flatten())\n"
+    "        self.head = nn.Linear(6, 3)\n"
+    "    def forward(self, x):\n"
+    "        return self.head(self.body(self.stem(x)))\n"
+    "browser = FeatureMapBrowser(ToyNet(), torch.rand(3, 12, 12))\n"
+    "browser",
+    "for stage in ['body', 'stem'] * 10:  # as a learner drags the slider\n"
+    "    browser.slider.value = stage\n"
+    "print(browser.stage)",
+]
+
+
+@pytest.mark.parametrize("watched", [False, True],
+                         ids=["TLH_PROGRESS=0", "TLH_PROGRESS=1"])
+def test_feature_map_browser_run_headless_finishes_and_keeps_a_figure(
+        tmp_path, watched):
+    """nbclient (tlcourse run) runs the browser's cells to the end."""
+    import os
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from tlhelpers import runner
+
+    nb_path = tmp_path / "01_browser.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell(c)
+                                       for c in BROWSER_CELLS]), nb_path)
+    env = runner.kernel_env(dict(os.environ,
+                                 TLH_PROGRESS="1" if watched else "0"))
+    result = runner.execute_notebook(nb_path, tmp_path / "out",
+                                     timeout=120, env=env)
+    assert result.status == "passed", result.error
+    nb = nbformat.read(result.ipynb, as_version=4)
+    shown = [o for o in nb.cells[0].outputs
+             if o.output_type == "execute_result"]
+    assert len(shown) == 1, nb.cells[0].outputs
+    assert base64.b64decode(shown[0].data["image/png"])[:4] == b"\x89PNG"
+    assert (WIDGET_VIEW in shown[0].data) == watched
+    assert ("text/html" in shown[0].data) != watched
+    printed = "".join(o.get("text", "") for o in nb.cells[1].outputs
+                      if o.get("name") == "stdout")
+    assert printed.strip() == "stem"
+    # The drawing is an Image widget; no Output widget was ever made (a
+    # display into one is what hangs nbclient).
+    state = nb.metadata.get("widgets", {}).get(
+        "application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    models = {m["model_name"] for m in state.values()}
+    assert "ImageModel" in models and "OutputModel" not in models, models
 
 
 def test_feature_map_browser_explains_an_unknown_stage():

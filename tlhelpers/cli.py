@@ -15,18 +15,16 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import tlhelpers
-from tlhelpers import runner
-from tlhelpers.kernels import usable_cores
+from tlhelpers import config, grading, kernels, runner
 
-# tlhelpers.config imports torch (seconds): the commands import it when
-# they need it, so --help and grade start at once.
+# torch (seconds to import) is imported by the commands that need it, so
+# --help and grade start at once.
 
 # Below MIN_MEMORY_GB available the kernels get killed; below
 # LOW_MEMORY_GB the full-size configuration may not fit (Binder: 2 GB).
 MIN_MEMORY_GB = 1.0
 LOW_MEMORY_GB = 2.0
 ONLINE_TIMEOUT = 2.0
-FALLBACK_BACKBONE = "efficientnet_lite0"
 SHOWN_VERSIONS = ("torch", "torchvision", "timm", "numpy", "ipywidgets",
                   "jupyterlab")
 TODO_INSTALL = "in the course folder run: pip install -e ."
@@ -118,17 +116,11 @@ def _runtime_requirements():
 
 def check_requirements(report, requirements):
     """Record a problem for each requirement missing or too old."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # packaging comes with jupyterlab; be safe anyway
-        Requirement = None
+    from packaging.requirements import Requirement
+
     for text in requirements:
-        if Requirement is not None:
-            req = Requirement(text)
-            name, spec = req.name, req.specifier
-        else:
-            name = text.split(">")[0].split("=")[0].split("<")[0].strip()
-            spec = None
+        req = Requirement(text)
+        name, spec = req.name, req.specifier
         found = _version(name)
         if found is None:
             report.problem(f"{name} is not installed", TODO_INSTALL)
@@ -193,8 +185,6 @@ def check_online(host=None, timeout=ONLINE_TIMEOUT, environ=None):
     seconds: the name lookup, which ignores socket timeouts, runs in a
     thread that is left behind if it hangs.
     """
-    from tlhelpers import config
-
     if config.offline_mode(environ):
         return None, "not checked: TLH_OFFLINE is set"
     try:
@@ -229,7 +219,7 @@ def check_backbones(report):
         report.problem(f"cannot list the backbones: {exc}", TODO_INSTALL)
         report.sections.append(("backbones", [("?", "unknown")]))
         return []
-    default = getattr(models, "DEFAULT_MODEL", FALLBACK_BACKBONE)
+    default = models.DEFAULT_MODEL
     shown = []
     for row in rows:
         offline = "offline" if row.get("offline_available") else (
@@ -267,7 +257,7 @@ def check_html_export(report):
         HTMLExporter(template_name="lab")
     except Exception as exc:
         report.note("tlcourse run cannot write HTML pages: "
-                    f"{runner.error_line(exc)}",
+                    f"{kernels.error_line(exc)}",
                     TODO_HTML)
         return "not available"
     return "ready"
@@ -357,8 +347,6 @@ def check_torch_build(report, torch, gpu_found, distributions=None):
 
 def doctor(environ=None, online=True, timeout=ONLINE_TIMEOUT):
     """Check that this machine can run the course; return a Report."""
-    from tlhelpers import config
-
     env = os.environ if environ is None else environ
     report = Report()
 
@@ -383,7 +371,7 @@ def doctor(environ=None, online=True, timeout=ONLINE_TIMEOUT):
     import psutil
     import torch
 
-    cores = usable_cores()
+    cores = kernels.usable_cores()
     threads = torch.get_num_threads()
     gpu_found = True
     if torch.cuda.is_available():
@@ -490,6 +478,19 @@ def _shown(path):
         return str(path)
 
 
+def _jobs_argument(text):
+    """argparse type of --jobs: a whole number, 1 or more."""
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of notebooks: give a whole number, "
+            "1 or more")
+    return jobs
+
+
 def cmd_run(args):
     """Run the course notebooks; exit 1 naming the first failing cell."""
     if args.course is not None:
@@ -517,7 +518,7 @@ def cmd_run(args):
         build = runner.run_course(
             notebooks, out, smoke=args.smoke, timeout=args.timeout,
             keep_going=args.keep_going, solutions=args.solutions,
-            progress=not args.no_progress)
+            progress=not args.no_progress, jobs=args.jobs)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"tlcourse run: {exc}", file=sys.stderr)
         return 2
@@ -561,8 +562,6 @@ def cmd_doctor(args):
 
 def cmd_prefetch(args):
     """Download backbones' weights now so they load offline later."""
-    from tlhelpers import config
-
     if config.offline_mode():
         print("tlcourse prefetch: TLH_OFFLINE is set, so nothing can be "
               "downloaded; unset it while online and try again",
@@ -593,13 +592,23 @@ def _import_for(command, module):
         return None
 
 
-def cmd_grade(argv):
-    """Hand the arguments to tlhelpers.grading.main (the grader)."""
-    grading = _import_for("grade", "tlhelpers.grading")
-    if grading is None:
-        return 2
-    code = grading.main(list(argv))
-    return 0 if code is None else int(code)
+def cmd_kernel(args):
+    """Install the course's Jupyter kernel (threads, waiting, allocator)."""
+    try:
+        where = kernels.install_kernel_spec(
+            user=not (args.sys_prefix or args.prefix),
+            prefix=sys.prefix if args.sys_prefix else args.prefix)
+    except (OSError, ImportError) as exc:
+        print(f"tlcourse kernel: cannot install the kernel ({exc}); try "
+              "--user (the default) or a --prefix you can write to",
+              file=sys.stderr)
+        return 1
+    settings = ", ".join(f"{k}={v}"
+                         for k, v in kernels.runtime_env().items())
+    print(f"installed {kernels.KERNEL_DISPLAY_NAME!r} in {where}\n"
+          f"  starts with {settings}\n"
+          "  pick it in JupyterLab: Kernel > Change Kernel")
+    return 0
 
 
 def cmd_release(args):
@@ -620,18 +629,6 @@ def cmd_release(args):
     return 0
 
 
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be a number of seconds, got {text!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(
-            f"must be >= 0 seconds (0: no limit), got {text}")
-    return value
-
-
 # The exit codes each command documents in its --help (`tlcourse grade`
 # documents its own).
 EXIT_CODES = {
@@ -649,6 +646,9 @@ EXIT_CODES = {
                 (1, "it could not be made (the reason is printed; nothing "
                     "was written)"),
                 (2, "usage error")],
+    "kernel": [(0, "the kernel was installed"),
+               (1, "it could not be installed (the reason is printed)"),
+               (2, "usage error")],
     "prefetch": [(0, "every backbone is ready offline"),
                  (1, "a backbone failed, or TLH_OFFLINE is set"),
                  (2, "usage error")],
@@ -680,9 +680,10 @@ def build_parser():
     run = sub.add_parser(
         "run", help="execute the notebooks headless and build HTML",
         **_parser_args("Execute the course notebooks in order, each in a "
-        "fresh kernel, and write them executed plus an HTML build with an index "
-        "page (status, duration, peak memory). Stops at the first failing "
-        "notebook and exits 1 naming it and the cell.", "run"))
+        "fresh kernel (several at once on several cores), and write them "
+        "executed plus an HTML build with an index page (status, duration, "
+        "peak memory). Stops at the first failing notebook and exits 1 "
+        "naming it and the cell.", "run"))
     run.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
                      help="notebooks to run (default: every "
                      "notebooks/NN_*.ipynb of the course folder)")
@@ -694,10 +695,11 @@ def build_parser():
     run.add_argument("--course", metavar="DIR",
                      help="the course folder (default: this folder or the "
                      "first parent with notebooks/NN_*.ipynb)")
-    run.add_argument("--timeout", metavar="S", type=_seconds,
-                     default=runner.DEFAULT_TIMEOUT,
+    run.add_argument("--timeout", metavar="S",
+                     type=kernels.seconds_argument,
+                     default=kernels.NOTEBOOK_TIMEOUT,
                      help="seconds a notebook's own cells may take in all; "
-                     f"0: no limit (default: {runner.DEFAULT_TIMEOUT})")
+                     f"0: no limit (default: {kernels.NOTEBOOK_TIMEOUT})")
     run.add_argument("--keep-going", action="store_true",
                      help="run the remaining notebooks after a failure")
     run.add_argument("--solutions", action="store_true",
@@ -705,6 +707,10 @@ def build_parser():
                      "mode (TLH_STRICT=1): every check must pass")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar")
+    run.add_argument("--jobs", metavar="N", type=_jobs_argument,
+                     help="notebooks run at once, each kernel with its "
+                     "share of the cores (default: one per core, as memory "
+                     "allows, at most 4)")
     run.set_defaults(handler=cmd_run)
 
     doc = sub.add_parser(
@@ -714,9 +720,10 @@ def build_parser():
         "machine is online, with what to do about each problem. Exits 0 "
         "when the course can run here, 1 otherwise.", "doctor"))
     doc.add_argument("--no-online", action="store_true",
-                     help="skip the online check (TLH_OFFLINE=1 skips it too)")
-    doc.add_argument("--online-timeout", metavar="S", type=_seconds,
-                     default=ONLINE_TIMEOUT,
+                     help="skip the online check (TLH_OFFLINE=1 skips it "
+                     "too)")
+    doc.add_argument("--online-timeout", metavar="S",
+                     type=kernels.seconds_argument, default=ONLINE_TIMEOUT,
                      help=f"seconds the online check may take (default: "
                      f"{ONLINE_TIMEOUT:g})")
     doc.set_defaults(handler=cmd_doctor)
@@ -744,19 +751,34 @@ def build_parser():
                      "this tlhelpers is installed from)")
     rel.set_defaults(handler=cmd_release)
 
-    # Listed for --help only: main() hands `grade` arguments over untouched.
-    sub.add_parser(
-        "grade", add_help=False,
-        help="grade submitted notebooks into a gradebook "
-        "(tlcourse grade --help)")
+    ker = sub.add_parser(
+        "kernel", help="install the course's Jupyter kernel",
+        **_parser_args("Install a Jupyter kernel, \"Python 3 "
+        "(transfer-learning course)\", that starts with the thread count, "
+        "OpenMP waiting and allocator settings tlcourse run uses, so the "
+        "notebooks run as fast in your own JupyterLab, also beside other "
+        "busy programs.", "kernel"))
+    ker.add_argument("action", choices=["install"],
+                     help="what to do (install)")
+    where = ker.add_mutually_exclusive_group()
+    where.add_argument("--sys-prefix", action="store_true",
+                       help="into this Python environment, not your user "
+                       "folder")
+    where.add_argument("--prefix", metavar="DIR",
+                       help="into DIR/share/jupyter/kernels")
+    ker.set_defaults(handler=cmd_kernel)
+
+    gra = sub.add_parser(
+        "grade", help="grade submitted notebooks into a gradebook",
+        **grading.PARSER_TEXT)
+    grading.add_arguments(gra)
+    gra.set_defaults(handler=grading.run_command)
     return parser
 
 
 def main(argv=None):
     """Run the tlcourse command line; return its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "grade":
-        return cmd_grade(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -12,6 +12,7 @@ Dask is an optional extra: ``pip install "tlhelpers[cluster]"``.
 """
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -48,6 +49,26 @@ def parse_address(text):
     return "remote", text
 
 
+@contextlib.contextmanager
+def environ_kept():
+    """Put os.environ back as it was, on the way out.
+
+    A LocalCluster's nannies write Dask's pre-spawn variables
+    (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_, ...)
+    into the environment of the process that starts them, so every kernel
+    that process starts later would run on one thread.
+    """
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
 def _dask():
     try:
         from dask import config as dask_config
@@ -79,14 +100,15 @@ def connect(address, connect_timeout=30):
                           "distributed.comm.timeouts.connect":
                           f"{connect_timeout}s"}):
         if kind == "local":
-            cluster = distributed.LocalCluster(
-                n_workers=where, threads_per_worker=1, processes=True,
-                dashboard_address=None, host="127.0.0.1")
-            try:
-                with distributed.Client(cluster) as client:
-                    yield client
-            finally:
-                cluster.close()
+            with environ_kept():
+                cluster = distributed.LocalCluster(
+                    n_workers=where, threads_per_worker=1, processes=True,
+                    dashboard_address=None, host="127.0.0.1")
+                try:
+                    with distributed.Client(cluster) as client:
+                        yield client
+                finally:
+                    cluster.close()
             return
         try:
             client = distributed.Client(where, timeout=connect_timeout)

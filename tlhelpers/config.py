@@ -1,13 +1,16 @@
-"""Course-wide settings: seed, device, SMOKE mode, cache folder."""
+"""Course-wide settings: seed, device, SMOKE mode, cache folder.
+
+torch is imported by the functions that need it (seed, device,
+setup), so the command line, the runner and the grader import this
+module at once.
+"""
 
 import os
 import platform
 import random
 from pathlib import Path
 
-import numpy as np
 import platformdirs
-import torch
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -30,6 +33,21 @@ def strict_mode(environ=None):
 def offline_mode(environ=None):
     """Return True when TLH_OFFLINE forbids every download."""
     return _flag("TLH_OFFLINE", environ)
+
+
+def show_progress(progress=None, environ=None):
+    """Resolve a ``progress`` argument into show (True) or hide (False).
+
+    True or False are taken as given. None, every course function's
+    default, follows TLH_PROGRESS: "0" hides the bars (``tlcourse run``,
+    the grader and the nbval passes set it, so headless runs stay quiet),
+    anything else or unset shows them.
+    """
+    if progress is not None:
+        return bool(progress)
+    env = os.environ if environ is None else environ
+    value = env.get("TLH_PROGRESS", "").strip().lower()
+    return value not in {"0", "false", "no", "off"}
 
 
 def by_mode(full, smoke, environ=None):
@@ -59,6 +77,8 @@ def cache_dir(*parts, environ=None):
 
 def get_device(prefer=None):
     """Pick the fastest available device: CUDA, then Apple MPS, then CPU."""
+    import torch
+
     if prefer is not None:
         return torch.device(prefer)
     if torch.cuda.is_available():
@@ -73,6 +93,9 @@ def seed_everything(seed):
     """Seed Python, NumPy and PyTorch so a run can be repeated."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -80,6 +103,8 @@ def seed_everything(seed):
 
 def describe(device=None):
     """Return the one-line summary that setup() prints."""
+    import torch
+
     import tlhelpers
 
     device = device or get_device()
@@ -94,7 +119,10 @@ def setup(seed=0, plots=True):
 
     Returns the torch.device the notebook should use.
     """
+    from tlhelpers import kernels
+
     seed_everything(seed)
+    kernels.apply_in_process()
     device = get_device()
     if plots:
         import matplotlib as mpl

@@ -30,12 +30,13 @@ import shutil
 import tarfile
 import tempfile
 import urllib.error
-import urllib.request
 import warnings
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,9 @@ CONTROLS = ("backgrounds", "colours", "noise", "rotation", "scale")
 
 MIN_IMAGE_SIZE = 16
 MAX_IMAGE_SIZE = 1024
+# Items a SyntheticImages fingerprint draws: enough to notice a change in
+# the drawing code, cheap next to a backbone's forward pass.
+SAMPLED_ITEMS = 8
 
 # Noise (standard deviation, on a 0-1 pixel scale) when `noise` is not given.
 _DOMAIN_NOISE = MappingProxyType(
@@ -75,6 +79,29 @@ _SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation",
 # Image formats image_folder() reads: torchvision's list, plus GIF.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
                     ".tiff", ".webp", ".gif")
+
+
+# ---------------------------------------------------------- arguments
+
+
+def check_int(value: Any, name: str, low: int | None = None,
+              high: int | None = None, why: str = "",
+              error: type[Exception] = ValueError) -> int:
+    """Return value if it is an int (not a bool) in [low, high]; else raise.
+
+    The message names the argument and its range, then adds `why`.
+    """
+    if (isinstance(value, int) and not isinstance(value, bool)
+            and (low is None or value >= low)
+            and (high is None or value <= high)):
+        return value
+    if low is not None and high is not None:
+        bounds = f" from {low} to {high}"
+    elif low is not None:
+        bounds = f" >= {low}"
+    else:
+        bounds = "" if high is None else f" <= {high}"
+    raise error(f"{name} must be an int{bounds}, got {value!r}{why}")
 
 
 # ------------------------------------------------------------ datasets
@@ -111,6 +138,10 @@ class LabelledImages(Dataset):
             image = self.transform(image)
         return image, self.targets[index]
 
+    def fingerprint(self) -> list:
+        """Return what the items depend on (for the feature cache)."""
+        return [self.targets, self.images]
+
     def __repr__(self):
         return (f"LabelledImages({len(self)} images, "
                 f"classes={self.classes})")
@@ -131,6 +162,10 @@ class LabelledSubset(Dataset):
 
     def __getitem__(self, index):
         return self.dataset[self.indices[index]]
+
+    def fingerprint(self) -> list:
+        """Return what the items depend on: the indices, the dataset."""
+        return [self.indices, self.dataset]
 
     def __repr__(self):
         return (f"LabelledSubset({len(self)} of {len(self.dataset)} items, "
@@ -155,8 +190,12 @@ class _Transformed(Dataset):
             image = self.transform(image)
         return image, target
 
+    def fingerprint(self) -> list:
+        """Return what the items depend on: the dataset below."""
+        return [self.dataset]
 
-def with_transform(dataset, transform):
+
+def with_transform(dataset: Dataset, transform: Callable | None) -> Dataset:
     """Return the dataset with a new transform; the original is unchanged.
 
     The new transform replaces the old one (it is not stacked on top), so
@@ -180,11 +219,9 @@ def with_transform(dataset, transform):
     return _Transformed(dataset, transform)
 
 
-def few_shot(dataset, k, seed=0):
+def few_shot(dataset: Any, k: int, seed: int = 0) -> LabelledSubset:
     """Keep k randomly chosen examples of every class (stratified)."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k (examples per class) must be an int >= 1, "
-                         f"got {k!r}")
+    check_int(k, "k (examples per class)", low=1)
     targets = np.asarray(_targets_of(dataset, "few_shot"))
     rng = np.random.default_rng(seed)
     chosen = []
@@ -199,7 +236,8 @@ def few_shot(dataset, k, seed=0):
     return LabelledSubset(dataset, sorted(chosen))
 
 
-def train_val_split(dataset, val_fraction=0.2, seed=0):
+def train_val_split(dataset: Any, val_fraction: float = 0.2,
+                    seed: int = 0) -> tuple[LabelledSubset, LabelledSubset]:
     """Split into (train, val) with every class in the same proportion."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 "
@@ -223,8 +261,9 @@ def train_val_split(dataset, val_fraction=0.2, seed=0):
             LabelledSubset(dataset, sorted(val)))
 
 
-def make_loaders(*datasets, batch_size=32, num_workers=0, shuffle_first=True,
-                 seed=0):
+def make_loaders(*datasets: Any, batch_size: int = 32,
+                 num_workers: int = 0, shuffle_first: bool = True,
+                 seed: int = 0) -> tuple[DataLoader, ...]:
     """Wrap datasets in DataLoaders; only the first one is shuffled.
 
     Defaults suit a CPU laptop or Binder: no worker processes unless asked
@@ -237,12 +276,8 @@ def make_loaders(*datasets, batch_size=32, num_workers=0, shuffle_first=True,
     if not datasets:
         raise ValueError("make_loaders needs at least one dataset, e.g. "
                          "make_loaders(train, val)")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got "
-                         f"{batch_size!r}")
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got "
-                         f"{num_workers!r}")
+    check_int(batch_size, "batch_size", low=1)
+    check_int(num_workers, "num_workers", low=0)
     for position, ds in enumerate(datasets):
         if len(ds) == 0:
             raise ValueError(f"dataset {position} is empty")
@@ -448,16 +483,14 @@ def _check_controls(kind, domain, controls):
 
 def _check_classes(kind, classes):
     names = SHAPES if kind == "shapes" else TEXTURES
-    if isinstance(classes, bool):
-        classes = None
-    if isinstance(classes, int):
+    if isinstance(classes, int) and not isinstance(classes, bool):
         if not 2 <= classes <= len(names):
             raise ValueError(
                 f"classes must be between 2 and {len(names)} for "
                 f"kind={kind!r}, got {classes}; available: "
                 f"{', '.join(names)}")
         return list(names[:classes])
-    if isinstance(classes, str) or classes is None:
+    if isinstance(classes, (str, bool)) or classes is None:
         raise TypeError(f"classes must be a number of classes or a list of "
                         f"names from {', '.join(names)}; got {classes!r}")
     classes = list(classes)
@@ -509,6 +542,19 @@ class SyntheticImages(Dataset):
                 f"n_per_class={self.n_per_class}, "
                 f"image_size={self.image_size}, seed={self.seed})")
 
+    def fingerprint(self) -> list:
+        """Return what the items depend on (for the feature cache).
+
+        Items are drawn from the parameters; a few drawn images catch a
+        change in the drawing code itself.
+        """
+        step = max(1, len(self) // SAMPLED_ITEMS)
+        drawn = [self.render(i)
+                 for i in range(0, len(self), step)[:SAMPLED_ITEMS]]
+        return [[self.kind, self.domain, self.classes, self.n_per_class,
+                 self.image_size, self.seed, sorted(self.controls.items())],
+                drawn]
+
     def _rng_for(self, index):
         """Return the random generator that draws item `index`."""
         k = len(self.classes)
@@ -523,7 +569,7 @@ class SyntheticImages(Dataset):
                                      key >> 32, j])
         return np.random.default_rng(ss)
 
-    def render(self, index):
+    def render(self, index: int) -> Image.Image:
         """Draw item `index` as an RGB PIL image (no transform)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for "
@@ -576,7 +622,7 @@ def _draw_shape(name, size, rng, controls, sketch):
     return np.asarray(mask, dtype=np.float32) * (1 / 255)
 
 
-def _grid(size):
+def _pixel_coords(size):
     c = (size - 1) / 2
     axis = np.arange(size, dtype=np.float32) - c
     return axis[None, :], axis[:, None]
@@ -593,7 +639,7 @@ def _texture_distance(name, size, rng, controls):
     lo, hi = controls["scale"]
     p = rng.uniform(lo, hi) * size
     angle = np.deg2rad(rng.uniform(-1, 1) * controls["rotation"])
-    x, y = _grid(size)
+    x, y = _pixel_coords(size)
     x = x + rng.uniform(-p, p)
     y = y + rng.uniform(-p, p)
     cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
@@ -666,7 +712,7 @@ def _background(kind, size, rng, base, other):
     if kind == "solid":
         return np.broadcast_to(base, (size, size, 3))
     if kind == "gradient":
-        x, y = _grid(size)
+        x, y = _pixel_coords(size)
         a = rng.uniform(0, 2 * np.pi)
         t = (x * np.float32(np.cos(a)) + y * np.float32(np.sin(a)))
         t = t * np.float32(1 / size) + np.float32(0.5)
@@ -713,7 +759,7 @@ def _compose(cover, domain, rng, controls, shadow):
             dark[shift:, shift:] = cover[:-shift, :-shift]
             bg = bg * (1 - 0.45 * dark[..., None])
         # light from one side: the shape is brighter on one edge
-        x, y = _grid(size)
+        x, y = _pixel_coords(size)
         a = rng.uniform(0, 2 * np.pi)
         light = (x * np.float32(np.cos(a)) + y * np.float32(np.sin(a)))
         light = 1 + light * np.float32(0.35 / size)
@@ -748,8 +794,11 @@ def _compose(cover, domain, rng, controls, shadow):
     return img
 
 
-def synthetic_images(kind="shapes", classes=5, n_per_class=20, image_size=64,
-                     domain="photo", seed=0, transform=None, **controls):
+def synthetic_images(kind: str = "shapes", classes: int | Sequence[str] = 5,
+                     n_per_class: int = 20, image_size: int = 64,
+                     domain: str = "photo", seed: int = 0,
+                     transform: Callable | None = None,
+                     **controls: Any) -> SyntheticImages:
     """Make a balanced dataset of drawn shapes or textures.
 
     Args:
@@ -782,18 +831,11 @@ def synthetic_images(kind="shapes", classes=5, n_per_class=20, image_size=64,
         raise ValueError(f"unknown domain {domain!r}; choose from: "
                          f"{', '.join(DOMAINS)}")
     names = _check_classes(kind, classes)
-    if (not isinstance(n_per_class, int) or isinstance(n_per_class, bool)
-            or n_per_class < 1):
-        raise ValueError(f"n_per_class must be an int >= 1, got "
-                         f"{n_per_class!r}")
-    if (not isinstance(image_size, int) or isinstance(image_size, bool)
-            or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
-        raise ValueError(
-            f"image_size must be an int from {MIN_IMAGE_SIZE} to "
-            f"{MAX_IMAGE_SIZE} pixels, got {image_size!r}; below "
-            f"{MIN_IMAGE_SIZE} px the shapes cannot be told apart")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    check_int(n_per_class, "n_per_class", low=1)
+    check_int(image_size, "image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE,
+              why=f" pixels; below {MIN_IMAGE_SIZE} px the shapes cannot "
+                  "be told apart")
+    check_int(seed, "seed", low=0)
     checked = _check_controls(kind, domain, controls)
     return SyntheticImages(kind, names, n_per_class, image_size, domain,
                            seed, transform, checked)
@@ -802,7 +844,8 @@ def synthetic_images(kind="shapes", classes=5, n_per_class=20, image_size=64,
 # ------------------------------------------------------- real offline data
 
 
-def digits(transform=None, image_size=32):
+def digits(transform: Callable | None = None,
+           image_size: int = 32) -> LabelledImages:
     """Load scikit-learn's 8x8 handwritten digits as RGB images.
 
     1,797 images of the digits 0-9, white ink on black, upscaled to
@@ -810,13 +853,12 @@ def digits(transform=None, image_size=32):
     """
     from sklearn.datasets import load_digits
 
-    if not isinstance(image_size, int) or not 8 <= image_size <= 1024:
-        raise ValueError(f"image_size must be an int from 8 to 1024, got "
-                         f"{image_size!r}")
+    check_int(image_size, "image_size", 8, MAX_IMAGE_SIZE)
     bunch = load_digits()
     pixels = np.clip(bunch.images * (255 / 16), 0, 255).astype(np.uint8)
     size = (image_size, image_size)
-    images = [Image.fromarray(p).resize(size, Image.BILINEAR).convert("RGB")
+    bilinear = Image.Resampling.BILINEAR
+    images = [Image.fromarray(p).resize(size, bilinear).convert("RGB")
               for p in pixels]
     return LabelledImages(images, bunch.target.tolist(),
                           [str(d) for d in range(10)], transform)
@@ -838,7 +880,7 @@ SAMPLE_PHOTOS = MappingProxyType({
 })
 
 
-def sample_photos():
+def sample_photos() -> dict[str, Image.Image]:
     """Return scikit-image's bundled photos as RGB PIL images, by name.
 
     See SAMPLE_PHOTOS for what each shows and its expected ImageNet ids.
@@ -855,7 +897,7 @@ def sample_photos():
 # ------------------------------------------------------ a learner's folder
 
 
-def load_image(path):
+def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB, upright, with transparency made white."""
     with Image.open(path) as im:
         # phones store portrait photos sideways plus an EXIF rotation tag
@@ -897,7 +939,7 @@ def _visible(entries):
 
 
 def _class_files(folder):
-    files, other = [], []
+    images, other = [], []
     for root, dirs, names in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in sorted(names):
@@ -905,10 +947,10 @@ def _class_files(folder):
                 continue
             path = os.path.join(root, n)
             if n.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(path)
+                images.append(path)
             else:
                 other.append(path)
-    return files, other
+    return images, other
 
 
 def _scan_folder(path, check, progress):
@@ -944,10 +986,10 @@ def _scan_folder(path, check, progress):
             f"image_folder({str(path / split[0])!r})")
     classes, found, empty = [], {}, []
     for entry in class_dirs:
-        files, other = _class_files(entry.path)
-        if files:
+        images, other = _class_files(entry.path)
+        if images:
             classes.append(entry.name)
-            found[entry.name] = files
+            found[entry.name] = images
         else:
             kinds = sorted({Path(o).suffix.lower() or "(none)"
                             for o in other})
@@ -1005,7 +1047,9 @@ class CheckedImageFolder(ImageFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
 
-def image_folder(path, transform=None, check=True, progress=True):
+def image_folder(path: str | os.PathLike,
+                 transform: Callable | None = None, check: bool = True,
+                 progress: bool | None = None) -> CheckedImageFolder:
     """Load a folder with one sub-folder of images per class, with checks.
 
     Explains a missing path, an empty folder, a single class and class
@@ -1018,6 +1062,7 @@ def image_folder(path, transform=None, check=True, progress=True):
         a CheckedImageFolder (a torchvision ImageFolder) with .classes,
         .targets and .samples.
     """
+    progress = config.show_progress(progress)
     root, classes, good, bad = _scan_folder(path, check, progress)
     if bad:
         warnings.warn(_skip_warning(root, bad), UserWarning, stacklevel=2)
@@ -1029,12 +1074,20 @@ def image_folder(path, transform=None, check=True, progress=True):
 # ------------------------------------------------------------- downloads
 
 
-class DataUnavailableError(RuntimeError):
-    """A dataset is not on this machine and cannot be downloaded now."""
+class UnavailableError(RuntimeError):
+    """Weights or data are not on this machine and cannot be fetched now."""
 
 
-class DataChecksumError(ValueError):
-    """A downloaded file does not match its expected sha256 checksum."""
+class ChecksumError(ValueError):
+    """A file does not match its expected sha256: damaged or changed."""
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive holds entries that would land outside its folder."""
+
+
+# The name notebook 06 catches; the same class.
+DataUnavailableError = UnavailableError
 
 
 @dataclass(frozen=True)
@@ -1075,15 +1128,20 @@ DOWNLOADS = MappingProxyType({
 })
 
 
-def verify_sha256(path, sha256):
-    """Raise DataChecksumError unless the file's sha256 is `sha256`."""
+def verify_sha256(path: str | os.PathLike, sha256: str,
+                  remedy: str = "Delete it and download it again.") -> str:
+    """Raise ChecksumError unless the file's sha256 starts with `sha256`.
+
+    `sha256` is the full digest or, as in torch hub file names, a prefix.
+    Returns the file's full sha256.
+    """
     actual = files.sha256(path)
-    if actual != sha256.lower():
-        raise DataChecksumError(
-            f"checksum mismatch for {path}: expected sha256 {sha256}, got "
-            f"{actual}. The file is damaged or was changed at the source; "
-            "delete it and download again.")
-    return path
+    if not actual.startswith(sha256.lower()):
+        raise ChecksumError(
+            f"checksum mismatch for {path}: expected sha256 "
+            f"{sha256[:12]}..., got {actual[:12]}... The file is damaged, "
+            f"truncated or was changed at its source. {remedy}")
+    return actual
 
 
 def _lookup(name, registry):
@@ -1095,32 +1153,40 @@ def _lookup(name, registry):
     return registry[name]
 
 
-def _fetch(url, dest, progress):
-    """Stream `url` into the open binary file `dest`."""
-    from tqdm.auto import tqdm
-
-    with urllib.request.urlopen(url, timeout=30) as response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True,
-                  desc=os.path.basename(url),
-                  disable=not progress) as bar:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                dest.write(block)
-                bar.update(len(block))
-
-
 # What a failed connection raises (a full disk is not among them).
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException,
                    ConnectionError, TimeoutError)
 
 
-def _unavailable(entry, archive, why):
-    return DataUnavailableError(
-        f"cannot download {entry.name!r}: {why}. Either connect to the "
-        f"network (and unset TLH_OFFLINE), or fetch {entry.url} on another "
-        f"machine and copy it to {archive}; it is checked against its "
-        "sha256 and unpacked there. Offline, synthetic_images() and "
-        "digits() need no download.")
+def fetch(url: str, path: Path, sha256: str, explain: Callable[[str], str],
+          progress: bool | None = None) -> Path:
+    """Download `url` to `path`, checked by its sha256 (or a prefix).
+
+    A failed or refused download leaves nothing behind. Offline
+    (TLH_OFFLINE) or when the network fails, raise UnavailableError with
+    the message explain(why) returns.
+    """
+    progress = config.show_progress(progress)
+    if config.offline_mode():
+        raise UnavailableError(explain("TLH_OFFLINE is set"))
+    try:
+        with files.atomic_path(path) as tmp:
+            torch.hub.download_url_to_file(url, str(tmp), progress=progress)
+            verify_sha256(tmp, sha256)
+    except _NETWORK_ERRORS as err:
+        raise UnavailableError(
+            explain(f"the download failed ({err})")) from err
+    return path
+
+
+def _explain_download(entry, archive):
+    def explain(why):
+        return (f"cannot download {entry.name!r}: {why}. Either connect "
+                f"to the network (and unset TLH_OFFLINE), or fetch "
+                f"{entry.url} on another machine and copy it to {archive}; "
+                "it is checked against its sha256 and unpacked there. "
+                "Offline, synthetic_images() and digits() need no download.")
+    return explain
 
 
 def _extract(entry, archive, target):
@@ -1130,23 +1196,19 @@ def _extract(entry, archive, target):
             for member in zf.namelist():
                 dest = (target / member).resolve()
                 if not dest.is_relative_to(target.resolve()):
-                    raise DataChecksumError(
-                        f"{archive} holds an unsafe path {member!r}")
+                    raise UnsafeArchiveError(
+                        f"{archive} holds an unsafe path {member!r} that "
+                        "would be written outside its folder; it was not "
+                        "unpacked. Delete it and report the source.")
             zf.extractall(target)
     elif entry.archive == "tar.gz":
         with tarfile.open(archive, "r:*") as tf:
-            if hasattr(tarfile, "data_filter"):
+            try:
                 tf.extractall(target, filter="data")
-            else:  # Pythons before the extraction filters
-                for member in tf.getmembers():
-                    dest = (target / member.name).resolve()
-                    if (not dest.is_relative_to(target.resolve())
-                            or member.issym() or member.islnk()
-                            or member.isdev()):
-                        raise DataChecksumError(
-                            f"{archive} holds an unsafe entry "
-                            f"{member.name!r}")
-                tf.extractall(target)
+            except tarfile.FilterError as err:
+                raise UnsafeArchiveError(
+                    f"{archive} holds an unsafe entry ({err}); it was not "
+                    "unpacked. Delete it and report the source.") from err
     elif entry.archive == "file":
         shutil.copy2(archive, target / entry.folder)
     else:
@@ -1154,7 +1216,9 @@ def _extract(entry, archive, target):
                          f"{entry.name!r}; use 'zip', 'tar.gz' or 'file'")
 
 
-def download(name, root=None, registry=None, progress=True):
+def download(name: str | Download, root: str | os.PathLike | None = None,
+             registry: Mapping[str, Download] | None = None,
+             progress: bool | None = None) -> Path:
     """Download, verify and unpack a dataset once; return its folder.
 
     Args:
@@ -1165,6 +1229,7 @@ def download(name, root=None, registry=None, progress=True):
     Returns:
         Path of the unpacked folder, e.g. .../imagenette/imagenette2-160.
     """
+    progress = config.show_progress(progress)
     entry = _lookup(name, DOWNLOADS if registry is None else registry)
     base = Path(root).expanduser() if root else config.cache_dir("data")
     home = base / entry.name
@@ -1177,23 +1242,15 @@ def download(name, root=None, registry=None, progress=True):
     filename = os.path.basename(entry.url.rstrip("/")) or entry.name
     archive = home / filename
     if not archive.exists():
-        if config.offline_mode():
-            raise _unavailable(entry, archive, "TLH_OFFLINE is set")
-        try:  # download next to the archive, then rename: never half a file
-            with files.atomic_path(archive) as tmp:
-                with open(tmp, "wb") as out:
-                    _fetch(entry.url, out, progress)
-                verify_sha256(tmp, entry.sha256)
-        except _NETWORK_ERRORS as err:
-            raise _unavailable(entry, archive,
-                               f"the download failed ({err})") from err
+        fetch(entry.url, archive, entry.sha256,
+              _explain_download(entry, archive), progress)
     else:
         verify_sha256(archive, entry.sha256)
     work = Path(tempfile.mkdtemp(dir=home, prefix=".unpack-"))
     try:
         _extract(entry, archive, work)
         if not (work / entry.folder).exists():
-            raise DataChecksumError(
+            raise ValueError(
                 f"{archive} did not unpack to a folder {entry.folder!r}; "
                 "the registry entry is wrong")
         if final.exists():
@@ -1307,17 +1364,17 @@ class SyntheticText(Dataset):
         return sentence, self.targets[index]
 
     @property
-    def key_words(self):
+    def key_words(self) -> dict[str, list[str]]:
         """Return {class: the key words this split's sentences use}."""
         column = TEXT_SPLITS.index(self.split)
         return {c: list(TEXT_TOPICS[c][column]) for c in self.classes}
 
     @property
-    def templates(self):
+    def templates(self) -> list[str]:
         """Return the sentence templates this split uses."""
         return list(TEXT_TEMPLATES[self.split])
 
-    def fingerprint(self):
+    def fingerprint(self) -> str:
         """Return what the items depend on (for the feature cache)."""
         digest = hashlib.blake2b(digest_size=16)
         for sentence, target in zip(self.sentences, self.targets):
@@ -1348,8 +1405,9 @@ def _check_text_classes(classes):
     return names
 
 
-def synthetic_text(split="train", classes=4, n_per_class=20, seed=0,
-                   transform=None):
+def synthetic_text(split: str = "train", classes: int | Sequence[str] = 4,
+                   n_per_class: int = 20, seed: int = 0,
+                   transform: Callable | None = None) -> SyntheticText:
     """Draw labelled topic sentences; test words never appear in training.
 
     Args:
@@ -1370,12 +1428,9 @@ def synthetic_text(split="train", classes=4, n_per_class=20, seed=0,
     templates = TEXT_TEMPLATES[split]
     words = len(TEXT_TOPICS[names[0]][column])
     most = len(templates) * words * (words - 1)
-    if (not isinstance(n_per_class, int) or isinstance(n_per_class, bool)
-            or not 1 <= n_per_class <= most):
-        raise ValueError(f"n_per_class must be an int between 1 and {most} "
-                         f"for the {split} split, got {n_per_class!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    check_int(n_per_class, "n_per_class", 1, most,
+              why=f" for the {split} split")
+    check_int(seed, "seed", error=TypeError)
     sentences, targets = [], []
     for label, name in enumerate(names):
         keys = TEXT_TOPICS[name][column]

@@ -8,8 +8,10 @@ this module: ``exercises.freeze_backbone.check(frozen_model)``.
   ``...`` placeholder) and returns a Result (status, message, points).
   Strict mode (TLH_STRICT=1, see config.strict_mode) raises AssertionError
   on anything but "correct"; CI runs the reference solutions with it.
-- ``hint()`` prints a hint; ``solution()`` prints the reference answer,
-  whose code is also ``.solution_code``.
+- ``hint()`` prints the first of three graduated hints: ``hint(1)`` (the
+  same) the concept, ``hint(2)`` the API to use, ``hint(3)`` the shape of
+  the code; ``solution()`` prints the reference answer, whose code is also
+  ``.solution_code``. Feedback files carry the first hint only.
 
 A check happens in two steps, so that a grader can split them between
 processes: ``collect`` turns the learner's objects into *evidence* (plain
@@ -38,7 +40,8 @@ from types import MappingProxyType
 
 from tlhelpers import config, files, strategies
 
-STATUSES = ("correct", "incorrect", "not attempted")
+# A check's Result status, from solved to untouched.
+RESULT_STATUSES = ("correct", "incorrect", "not attempted")
 EXERCISE_TAG = "exercise:"
 CHECK_TAG = "check:"
 # Seeds of the held-out images: one for checks inside the notebook, one the
@@ -55,6 +58,14 @@ class _Incorrect(Exception):
     """The answer is wrong; the message says why, to the learner."""
 
     partial = 0.0   # the fraction of the points it still earns
+
+
+def _check_head(answer, outputs, classes):
+    """Raise _Incorrect unless the model `answer` predicts `classes`."""
+    if outputs != classes:
+        raise _Incorrect(
+            f"{answer} predicts {outputs} classes; the task has {classes}: "
+            "give it a new head (load_pretrained(..., num_classes=...))")
 
 
 class _Usage(Exception):
@@ -119,9 +130,12 @@ class Exercise:
     args = ()              # variables check() receives: answers first
     needs = ()             # variables the solution uses from earlier cells
     placeholder = ""       # the answer cell as shipped
-    hint_text = ""
+    # Graduated hints: (the concept, the API to use, the shape of the
+    # code). An exercise that sets only hint_text has that one hint.
+    hints = ()
     solution_code = ""
     points = 1.0
+    minutes = 5            # a learner's time for it (the course map)
     task_spec = None       # synthetic_images() arguments, if graded on
     #                        held-out images; image_size is (full, smoke)
     heldout_per_class = (20, 10)   # (full, smoke)
@@ -147,7 +161,7 @@ class Exercise:
                                for a in self.answers)
             if self.task_spec is not None and answered:
                 images, labels = self.heldout(CHECK_SEED)
-                images = _to_pil(images)
+                images = to_pil(images)
             evidence = self.collect(values, images)
             result = self.grade(
                 evidence, None if labels is None else (images, labels))
@@ -162,9 +176,29 @@ class Exercise:
         print(result.report())
         return result
 
-    def hint(self):
-        """Print a hint."""
-        print(f"Hint ({self.name}): {self.hint_text}")
+    @property
+    def hint_text(self):
+        """Return the first hint: the concept (feedback files carry it)."""
+        return self.hints[0] if self.hints else ""
+
+    def hint_levels(self):
+        """Return the hints, from the concept to the shape of the code."""
+        return tuple(self.hints) or (self.hint_text,)
+
+    def hint(self, level=1):
+        """Print hint number `level` (1: concept, 2: API, 3: code shape)."""
+        levels = self.hint_levels()
+        if isinstance(level, bool) or not isinstance(level, int) or not (
+                1 <= level <= len(levels)):
+            print(f"Hint ({self.name}): there are {len(levels)} hint(s): "
+                  f"use hint(1) to hint({len(levels)}), got {level!r}")
+            return
+        more = (f" (more: exercises.{self.name}.hint({level + 1}))"
+                if level < len(levels) else
+                f" (last hint; exercises.{self.name}.solution() shows the "
+                "answer)")
+        print(f"Hint {level}/{len(levels)} ({self.name}): "
+              f"{levels[level - 1]}{more}")
 
     def solution(self):
         """Print the reference solution (also in .solution_code)."""
@@ -314,7 +348,7 @@ class Exercise:
 # ---------------------------------------------------------- shared pieces
 
 
-def _to_pil(images):
+def to_pil(images):
     """Turn a uint8 [N, H, W, 3] tensor into a list of PIL images.
 
     Held-out sentences (a list of str) are already what a model reads:
@@ -390,18 +424,15 @@ def _forward_images(pil_images, transform, net, batch_size=32):
     """Return the network's outputs [N, ...] for PIL images, in eval mode."""
     import torch
 
-    was_training = net.training
-    net.eval()
+    from tlhelpers.models import eval_mode
+
     outputs = []
-    try:
-        device = next(net.parameters()).device
-        with torch.no_grad():
-            for start in range(0, len(pil_images), batch_size):
-                chunk = pil_images[start:start + batch_size]
-                batch = torch.stack([transform(im) for im in chunk])
-                outputs.append(net(batch.to(device)))
-    finally:
-        net.train(was_training)
+    device = next(net.parameters()).device
+    with eval_mode(net), torch.no_grad():
+        for start in range(0, len(pil_images), batch_size):
+            chunk = pil_images[start:start + batch_size]
+            batch = torch.stack([transform(im) for im in chunk])
+            outputs.append(net(batch.to(device)))
     return torch.cat(outputs).float().cpu()
 
 
@@ -464,7 +495,14 @@ class LoadWithPreprocessing(Exercise):
     placeholder = (
         "# Build the preprocessing the weights of `pretrained` expect.\n"
         "preprocess = ...  # YOUR CODE: a transforms.Compose([...])\n")
-    hint_text = (
+    hints = (
+        "Weights only work with the preprocessing they were trained "
+        "with: the same image size and crop, and the same normalisation "
+        "(a mean and a standard deviation per channel). A mismatch does "
+        "not raise an error: it quietly makes every prediction worse.",
+        "torchvision.transforms has the pieces: Resize, CenterCrop, "
+        "ToTensor and Normalize, chained with Compose. The numbers come "
+        "from pretrained.meta: 'input_size', 'mean' and 'std'.",
         "transforms.Compose([transforms.Resize(size), "
         "transforms.CenterCrop(size), transforms.ToTensor(), "
         "transforms.Normalize(mean, std)]) with size = "
@@ -643,13 +681,22 @@ class FreezeBackbone(Exercise):
         "keep their running statistics in training. Set `requires_grad` "
         "yourself and fix the statistics with `set_bn_stats` (or call "
         "`freeze()`, which does both).")
+    minutes = 4
     answers = ("frozen_model",)
     args = ("frozen_model",)
     needs = ("pretrained",)
     placeholder = (
         "# A copy of `pretrained` where only the new head can learn.\n"
         "frozen_model = ...  # YOUR CODE\n")
-    hint_text = (
+    hints = (
+        "Freezing is a property of parameters: a frozen parameter gets "
+        "no gradient (requires_grad is False). BatchNorm layers also keep "
+        "running statistics, which every training batch updates, with or "
+        "without gradients.",
+        "copy.deepcopy(pretrained) gives a copy; p.requires_grad on the "
+        "parameters of frozen_model.model; get_head(frozen_model) (from "
+        "tlhelpers.models) is the new head; set_bn_stats(frozen_model, "
+        "'frozen') keeps the running statistics fixed.",
         "Start from frozen_model = copy.deepcopy(pretrained). Set "
         "requires_grad = False on every parameter of frozen_model.model, "
         "then requires_grad = True on the parameters of "
@@ -761,23 +808,29 @@ class LinearProbe(Exercise):
         "`probe` must be what `linear_probe` returns. The check measures "
         "your probe itself on held-out images it draws (the accuracy your "
         "probe reports is not used); it must reach the target accuracy.")
+    minutes = 4
     answers = ("probe",)
     args = ("probe", "pretrained")
     needs = ("pretrained", "train_ds", "test_ds")
     placeholder = (
         "# Features from the frozen backbone, then a linear classifier.\n"
         "probe = ...  # YOUR CODE: probe = linear_probe(...)\n")
-    hint_text = (
+    hints = (
+        "A frozen pretrained backbone turns each image into a feature "
+        "vector, once; a linear classifier trained on those vectors is a "
+        "linear probe. Nothing in the backbone trains.",
+        "tlhelpers.features has both steps: extract_features(model, "
+        "dataset) returns Features (vectors and labels, cached on disk) "
+        "and linear_probe(train_features, test_features) trains the "
+        "classifier.",
         "extract_features(pretrained, train_ds) gives Features; do the "
         "same for test_ds, then probe = linear_probe(train_features, "
         "test_features). Both functions are in tlhelpers.features.")
     solution_code = textwrap.dedent("""\
         from tlhelpers.features import extract_features, linear_probe
 
-        train_features = extract_features(pretrained, train_ds,
-                                          progress=False)
-        test_features = extract_features(pretrained, test_ds,
-                                         progress=False)
+        train_features = extract_features(pretrained, train_ds)
+        test_features = extract_features(pretrained, test_ds)
         probe = linear_probe(train_features, test_features)
         """)
     task_spec = MappingProxyType({"kind": "shapes", "classes": 5,
@@ -868,7 +921,14 @@ class DiscriminativeLRs(Exercise):
     placeholder = (
         "# Lower learning rates for the pretrained layers than the head.\n"
         "optimizer = ...  # YOUR CODE: torch.optim.AdamW([...])\n")
-    hint_text = (
+    hints = (
+        "Pretrained layers already hold useful features: they should "
+        "move slowly. The new head starts random and needs a higher "
+        "rate. One optimizer can hold several parameter groups, each "
+        "with its own learning rate.",
+        "torch.optim.AdamW takes a list of dicts, {'params': [...], "
+        "'lr': ...}, one per group; get_head(pretrained).parameters() "
+        "are the head's parameters.",
         "Give torch.optim.AdamW a list of two parameter groups: "
         "{'params': backbone_params, 'lr': 1e-4} and {'params': "
         "head_params, 'lr': 1e-3}. get_head(pretrained).parameters() are "
@@ -975,106 +1035,438 @@ class DiscriminativeLRs(Exercise):
                 "backbone group)")
 
 
-class UnfreezingSchedule(Exercise):
-    """Write a gradual unfreezing schedule that meets rules."""
+def _group_names(pretrained):
+    """Return the layer groups of a model, stem first, head last."""
+    from tlhelpers import models
 
-    name = "unfreezing_schedule"
+    return list(models.layer_groups(pretrained))
+
+
+def _does_nothing(function):
+    """True for a function whose body is only `...` or `pass`."""
+    def empty(*args, **kwargs):
+        pass
+
+    code = getattr(function, "__code__", None)
+    return code is not None and code.co_code == empty.__code__.co_code
+
+
+class UnfreezeByHand(Exercise):
+    """Gradual unfreezing written by hand: requires_grad and the rates."""
+
+    name = "unfreeze_by_hand"
     notebook = "04_progressive_unfreezing"
-    title = "A gradual unfreezing schedule"
+    title = "Gradual unfreezing by hand"
     statement = (
-        "Write `unfreezing`, a `GradualUnfreezing` schedule for "
-        "`pretrained` in which: the head trains alone in epoch 1; one "
-        "more group unfreezes at each following epoch, from the head "
-        "down, at least three groups below the head in all; every group "
-        "trains with a lower learning rate than the group above it; and "
-        "the head's rate is between 1e-5 and 1e-2.")
-    answers = ("unfreezing",)
-    args = ("unfreezing", "pretrained")
+        "Write the function `unfreeze_for_epoch(model, optimizer, epoch)` "
+        "that a training loop calls at the start of each epoch (1, 2, "
+        "3, ...), without `freeze_to` or `GradualUnfreezing`: set "
+        "`requires_grad` on the parameters and the `\"lr\"` of the "
+        "optimizer's parameter groups yourself. In epoch 1 only the head "
+        "trains; at each following epoch one more layer group trains, "
+        "from the head down (`model.groups` lists them from the stem to "
+        "the head); the head's rate is 1e-3 and every other training "
+        "group trains slower than the group above it (2.6 times slower "
+        "is ULMFiT's choice); the groups not yet reached stay frozen, "
+        "whole. The optimizer is what `make_optimizer(model, lr=1e-3)` "
+        "returns: every layer group is in it from the start, and each "
+        "parameter group names its layer group in `group[\"name\"]` "
+        "(`\"stage7\"`, or `\"stage7+no_decay\"` for its biases and "
+        "BatchNorm parameters). The check runs your function on a copy "
+        "of `pretrained` and reads the trainable groups and their rates "
+        "after each epoch's call.")
+    minutes = 10
+    answers = ("unfreeze_for_epoch",)
+    args = ("unfreeze_for_epoch", "pretrained")
     needs = ("pretrained",)
-    placeholder = (
-        "# Unfreeze one group per epoch, from the head down.\n"
-        "unfreezing = ...  # YOUR CODE: GradualUnfreezing(...)\n")
-    hint_text = (
-        "pretrained.groups lists the groups from the stem to the head, so "
-        "pretrained.groups[::-1] starts at the head. GradualUnfreezing("
-        "names, lr=1e-3, factor=2.6) unfreezes one name per epoch and "
-        "divides the rate by `factor` for each group further down.")
-    solution_code = textwrap.dedent("""\
-        from tlhelpers.training import GradualUnfreezing
-
-        top_down = pretrained.groups[::-1]      # head, neck, stage7, ...
-        unfreezing = GradualUnfreezing(
-            top_down[:4],   # the head, then one more group per epoch
-            lr=1e-3,        # the head's rate
-            factor=2.6)     # each group below: 2.6x slower (ULMFiT)
+    placeholder = textwrap.dedent("""\
+        # Called at the start of each epoch (1, 2, 3, ...): set
+        # requires_grad and each optimizer group's "lr" yourself.
+        def unfreeze_for_epoch(model, optimizer, epoch):
+            ...  # YOUR CODE
         """)
-    max_head_lr = 1e-2
-    min_head_lr = 1e-5
-    min_groups_below_head = 3
+    hints = (
+        "Gradual unfreezing is two settings per epoch, nothing more: which "
+        "parameters get gradients (requires_grad) and how fast each group "
+        "moves (its learning rate in the optimizer). Count groups from "
+        "the head: in epoch e the top e groups train, the k-th from the "
+        "head at 1e-3 / 2.6**k.",
+        "model.groups[::-1] lists the groups from the head down; "
+        "layer_groups(model) (tlhelpers.models) maps each name to its "
+        "modules, whose .parameters() have requires_grad; "
+        "optimizer.param_groups is a list of dicts with 'name' and 'lr'.",
+        "top_down = model.groups[::-1]; training = top_down[:epoch]; for "
+        "name, modules in layer_groups(model).items(): for each module "
+        "and each of its parameters p: p.requires_grad = (name in "
+        "training). Then for group in optimizer.param_groups: k = "
+        "top_down.index(group['name'].split('+')[0]); group['lr'] = "
+        "1e-3 / 2.6 ** k.")
+    solution_code = textwrap.dedent("""\
+        from tlhelpers.models import layer_groups
 
-    def _collect(self, unfreezing, pretrained):
-        name, _ = _pretrained_parts(pretrained, "pretrained")
-        plan = getattr(unfreezing, "plan", None)
-        if plan is None:
+
+        def unfreeze_for_epoch(model, optimizer, epoch, lr=1e-3,
+                               factor=2.6):
+            top_down = model.groups[::-1]      # head, neck, stage7, ...
+            training = top_down[:epoch]        # one more group per epoch
+            for name, modules in layer_groups(model).items():
+                for module in modules:
+                    for param in module.parameters():
+                        param.requires_grad = name in training
+            for group in optimizer.param_groups:
+                name = group["name"].split("+")[0]  # "stage7+no_decay"
+                # k groups below the head: factor**k times slower
+                group["lr"] = lr / factor ** top_down.index(name)
+        """)
+    head_lr = 1e-3
+    epochs = 5
+
+    def _collect(self, unfreeze_for_epoch, pretrained):
+        from tlhelpers import models
+
+        if not callable(unfreeze_for_epoch):
             raise _Incorrect(
-                "`unfreezing` must be a GradualUnfreezing(...) schedule, "
-                f"got {type(unfreezing).__name__}")
-        return {"model": name, "plan": [
-            [str(group), int(epoch), float(lr)]
-            for group, epoch, lr in plan]}
+                "`unfreeze_for_epoch` must be a function "
+                "(def unfreeze_for_epoch(model, optimizer, epoch): ...), "
+                f"got {type(unfreeze_for_epoch).__name__}")
+        if _does_nothing(unfreeze_for_epoch):
+            return {"attempted": False, "message": (
+                "unfreeze_for_epoch is still the placeholder: write its "
+                "body")}
+        name, _ = _pretrained_parts(pretrained, "pretrained")
+        model = copy.deepcopy(pretrained)
+        for param in model.model.parameters():
+            param.requires_grad = True
+        optimizer = models.make_optimizer(model, lr=self.head_lr)
+        start = self._state(model, optimizer)
+        epochs, changed = [], False
+        for epoch in range(1, self.epochs + 1):
+            unfreeze_for_epoch(model, optimizer, epoch)
+            state = self._state(model, optimizer)
+            changed = changed or state != start
+            epochs.append(state)
+        if not changed:
+            return {"attempted": False, "message": (
+                "unfreeze_for_epoch changes nothing yet: every group "
+                "still trains at one rate. Write its body")}
+        return {"model": name, "groups": _group_names(model),
+                "epochs": epochs}
+
+    @staticmethod
+    def _state(model, optimizer):
+        """Per layer group: [name, trainable, total, sorted rates]."""
+        from tlhelpers import models
+
+        rate_of = {}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                rate_of[id(param)] = float(group["lr"])
+        rows = []
+        for name, modules in models.layer_groups(model).items():
+            params = [p for m in modules for p in m.parameters()]
+            rates = sorted({rate_of[id(p)] for p in params
+                            if p.requires_grad and id(p) in rate_of})
+            missing = sum(p.requires_grad and id(p) not in rate_of
+                          for p in params)
+            rows.append([name, sum(p.requires_grad for p in params),
+                         len(params), rates, missing])
+        return rows
 
     def _judge(self, evidence, labels):
-        _, groups = _group_of_param(evidence["model"])
-        plan = evidence["plan"]
-        names = [g for g, _, _ in plan]
-        unknown = [g for g in names if g not in groups]
+        groups = evidence["groups"]
+        top_down = groups[::-1]
+        previous = None
+        for epoch, rows in enumerate(evidence["epochs"], start=1):
+            expected = top_down[:epoch]
+            trains = [n for n, k, _, _, _ in rows if k]
+            partial = [f"{n} ({k} of {t} parameter tensors)"
+                       for n, k, t, _, _ in rows if 0 < k < t]
+            if partial:
+                raise _Incorrect(
+                    f"in epoch {epoch} part of a group trains: "
+                    f"{_listing(partial)}. Unfreeze whole groups (every "
+                    "parameter of the group's modules)")
+            early = [n for n in trains if n not in expected]
+            if early and epoch == 1:
+                raise _Incorrect(
+                    f"in epoch 1 {_listing(early)} "
+                    f"{'trains' if len(early) == 1 else 'train'} with the "
+                    "head: the head must train alone first, so that its "
+                    "random weights do not send large gradients into the "
+                    "pretrained layers")
+            if early:
+                raise _Incorrect(
+                    f"in epoch {epoch} {_listing(early)} already "
+                    f"{'trains' if len(early) == 1 else 'train'}: only "
+                    f"{_listing(expected)} should (one more group per "
+                    "epoch, from the head down)")
+            late = [n for n in expected if n not in trains]
+            if late:
+                raise _Incorrect(
+                    f"in epoch {epoch} {_listing(late)} "
+                    f"{'is' if len(late) == 1 else 'are'} still frozen: "
+                    f"by then {_listing(expected)} should train (one more "
+                    "group per epoch, from the head down)")
+            rates = {n: r for n, k, _, r, _ in rows if k}
+            lost = [n for n, k, _, _, m in rows if k and m]
+            if lost:
+                raise _Incorrect(
+                    f"in epoch {epoch} {_listing(lost)} trains but some of "
+                    "its parameters are in no optimizer group: use the "
+                    "optimizer you are given, which holds every group")
+            mixed = [n for n in expected if len(rates[n]) > 1]
+            if mixed:
+                raise _Incorrect(
+                    f"in epoch {epoch} the parameter groups of "
+                    f"{_listing(mixed)} have different rates: give a "
+                    "layer group's \"+no_decay\" twin the same rate")
+            head = rates[top_down[0]][0]
+            if not math.isclose(head, self.head_lr, rel_tol=0.01):
+                raise _Incorrect(
+                    f"in epoch {epoch} the head trains at {_rate(head)}: "
+                    f"keep it at {_rate(self.head_lr)}")
+            for upper, lower in zip(expected, expected[1:]):
+                if not rates[lower][0] < rates[upper][0]:
+                    raise _Incorrect(
+                        f"in epoch {epoch} {lower} trains at "
+                        f"{_rate(rates[lower][0])}, not slower than "
+                        f"{upper} above it ({_rate(rates[upper][0])}): "
+                        "each group further from the head needs a lower "
+                        "rate")
+            if previous is not None:
+                moved = [n for n in previous if n in rates
+                         and not math.isclose(previous[n], rates[n][0],
+                                              rel_tol=0.01)]
+                if moved:
+                    raise _Incorrect(
+                        f"in epoch {epoch} the rate of {_listing(moved)} "
+                        "changed since the epoch before: a group keeps "
+                        "its rate once it trains (it depends only on how "
+                        "far the group is from the head)")
+            previous = {n: r[0] for n, r in rates.items()}
+        lows = " -> ".join(f"{n} {_rate(previous[n])}"
+                           for n in top_down[:len(evidence["epochs"])])
+        return (f"one more group per epoch from the head down, each "
+                f"slower than the one above: {lows}")
+
+
+def _features_by_depth(pretrained, pil_images, batch_size=64):
+    """Return {group: average-pooled features [N, C]} below the head."""
+    import torch
+
+    from tlhelpers import models
+
+    groups = [(n, m) for n, m in models.layer_groups(pretrained).items()
+              if n != pretrained.groups[-1]]
+    pooled = {name: [] for name, _ in groups}
+    with models.eval_mode(pretrained), torch.no_grad():
+        for start in range(0, len(pil_images), batch_size):
+            x = torch.stack([pretrained.transform(im) for im in
+                             pil_images[start:start + batch_size]])
+            for name, modules in groups:
+                for module in modules:
+                    x = module(x)
+                pooled[name].append(x.mean(dim=(2, 3)))
+    return {name: torch.cat(f) for name, f in pooled.items()}
+
+
+class PickLayer(Exercise):
+    """Probe every depth on a far domain and pick the layer to use."""
+
+    name = "pick_layer"
+    notebook = "02_feature_extraction"
+    title = "Which layer to extract features from, far from ImageNet"
+    statement = (
+        "The images of `exercises.pick_layer.task()`, five textures drawn "
+        "grey under heavy noise, are far from ImageNet's photos, and no "
+        "notebook has shown them. Which "
+        "depth of the frozen backbone gives the best features for them? "
+        "Measure it: for the features after every layer group below the "
+        "head (average-pooled over the image, as in notebook 01, step 3), "
+        "train a linear probe on one set of the task's images and test it "
+        "on another. Write the test accuracies into `layer_accuracy` "
+        "(`{group name: accuracy}`, every group from `stem` to `neck`) and "
+        "set `best_layer` to the group you would extract features from. "
+        "The check measures every depth again on its own images and "
+        "accepts a layer within a few points of the best it measures.")
+    minutes = 12
+    answers = ("best_layer", "layer_accuracy")
+    args = ("best_layer", "layer_accuracy")
+    needs = ()
+    placeholder = textwrap.dedent("""\
+        # Measure a linear probe after every layer group, then choose.
+        layer_accuracy = {}  # YOUR CODE: {group name: test accuracy}
+        best_layer = ...     # YOUR CODE: the group you would extract from
+        """)
+    hints = (
+        "Late layers are specialised in what ImageNet's photos look like; "
+        "early layers are general but see only small patches. Far from "
+        "ImageNet, the best features may come from the middle: only a "
+        "measurement at every depth says where.",
+        "load_pretrained(..., image_size=task['image_size']); "
+        "synthetic_images(**exercises.pick_layer.task(), n_per_class=..., "
+        "seed=..., transform=model.transform) twice (two seeds: train and "
+        "test); layer_groups(model) gives the groups in order; Features("
+        "vectors, labels) and linear_probe(train, test).accuracy, from "
+        "tlhelpers.features.",
+        "For each batch x: for name, modules in layer_groups(model).items()"
+        " (all but the head): x = module(x) for each module, then keep "
+        "x.mean(dim=(2, 3)) for that name. Concatenate per name into "
+        "Features(torch.cat(...), labels); layer_accuracy[name] = "
+        "linear_probe(train[name], test[name]).accuracy; best_layer = "
+        "max(layer_accuracy, key=layer_accuracy.get).")
+    solution_code = textwrap.dedent("""\
+        import torch
+
+        from tlhelpers import exercises
+        from tlhelpers.config import by_mode
+        from tlhelpers.data import synthetic_images
+        from tlhelpers.features import Features, linear_probe
+        from tlhelpers.models import layer_groups, load_pretrained
+
+        far_task = exercises.pick_layer.task()
+        probe_model = load_pretrained("efficientnet_lite0",
+                                      image_size=far_task["image_size"])
+        below_head = [(name, modules) for name, modules
+                      in layer_groups(probe_model).items() if name != "head"]
+
+
+        @torch.no_grad()
+        def pooled_by_depth(dataset):
+            pooled = {name: [] for name, _ in below_head}
+            for x, _ in torch.utils.data.DataLoader(dataset, batch_size=64):
+                for name, modules in below_head:
+                    for module in modules:
+                        x = module(x)
+                    pooled[name].append(x.mean(dim=(2, 3)))
+            labels = torch.tensor(dataset.targets)
+            return {name: Features(torch.cat(f), labels)
+                    for name, f in pooled.items()}
+
+
+        probe_model.model.eval()
+        far_train, far_test = (pooled_by_depth(synthetic_images(
+            **far_task, n_per_class=by_mode(30, 15), seed=seed,
+            transform=probe_model.transform)) for seed in (0, 1))
+        layer_accuracy = {name: linear_probe(far_train[name],
+                                             far_test[name]).accuracy
+                          for name in far_train}
+        best_layer = max(layer_accuracy, key=layer_accuracy.get)
+        """)
+    backbone = "efficientnet_lite0"
+    # Textures drawn grey under heavy noise: no notebook shows them.
+    task_spec = MappingProxyType({"kind": "textures", "classes": 5,
+                                  "domain": "noisy_gray",
+                                  "image_size": (64, 64)})
+    heldout_per_class = (30, 15)   # per set: the grader draws two
+    # A pick is accepted when the grader's probe at that layer is within
+    # this many points of the best layer the grader measures (its sets
+    # are small: a few points are noise).
+    tolerance = 0.1
+    # ... and when it is within this of the learner's own best.
+    own_tolerance = 0.05
+
+    def heldout(self, seed):
+        """Draw the grader's two sets (probe train, then test) as one.
+
+        Returns:
+            (images uint8 [2N, H, W, 3], labels int64 [2N]): the first N
+            train the grader's probes, the last N test them.
+        """
+        import torch
+
+        train = Exercise.heldout(self, seed)
+        test = Exercise.heldout(self, seed + 1)
+        return (torch.cat([train[0], test[0]]),
+                torch.cat([train[1], test[1]]))
+
+    def _collect(self, best_layer, layer_accuracy, images):
+        if not isinstance(layer_accuracy, dict):
+            raise _Incorrect(
+                "`layer_accuracy` must be a dict {group name: accuracy}, "
+                f"got {type(layer_accuracy).__name__}")
+        if not layer_accuracy:
+            return {"attempted": False, "message": (
+                "`layer_accuracy` is still empty: measure a probe after "
+                "every layer group")}
+        measured = {}
+        for key, value in layer_accuracy.items():
+            try:
+                measured[str(key)] = float(value)
+            except (TypeError, ValueError):
+                raise _Incorrect(
+                    f"layer_accuracy[{key!r}] is {value!r}: give the "
+                    "probe's test accuracy, a number from 0 to 1") from None
+        return {"best_layer": str(best_layer), "measured": measured}
+
+    def measure(self, images, labels):
+        """Return {group: probe test accuracy} on the grader's two sets."""
+        import torch
+
+        from tlhelpers import models
+        from tlhelpers.features import Features, linear_probe
+
+        if isinstance(images, torch.Tensor):   # uint8 [N, H, W, 3]
+            from PIL import Image
+
+            images = [Image.fromarray(a.numpy()) for a in images]
+        model = models.load_pretrained(
+            self.backbone, image_size=self.task()["image_size"])
+        feats = _features_by_depth(model, list(images))
+        half = len(labels) // 2
+        labels = torch.as_tensor(labels)
+        return {name: linear_probe(Features(f[:half], labels[:half]),
+                                   Features(f[half:], labels[half:])
+                                   ).accuracy
+                for name, f in feats.items()}
+
+    def _judge(self, evidence, heldout):
+        groups = _group_names(_skeleton(self.backbone))[:-1]
+        measured, pick = evidence["measured"], evidence["best_layer"]
+        missing = [g for g in groups if g not in measured]
+        unknown = [g for g in measured if g not in groups]
         if unknown:
             raise _Incorrect(
-                f"unknown layer group(s) {_listing(unknown)}: this "
-                f"model's groups are {', '.join(groups)}")
-        expected = groups[::-1][:len(plan)]
-        if names != expected:
+                f"layer_accuracy names {_listing(unknown)}, not a group "
+                f"below the head: the groups are {', '.join(groups)}")
+        if missing:
             raise _Incorrect(
-                f"groups must unfreeze from the head down without gaps: "
-                f"expected {expected}, got {names}")
-        first = [g for g, epoch, _ in plan[1:] if epoch <= 1]
-        if first:
+                f"layer_accuracy has no measurement for "
+                f"{_listing(missing)}: measure every group from "
+                f"{groups[0]} to {groups[-1]}")
+        odd = [g for g in groups if not 0 <= measured[g] <= 1]
+        if odd:
             raise _Incorrect(
-                f"{_listing(first)} also "
-                f"{'trains' if len(first) == 1 else 'train'} in epoch 1: "
-                "the head must train alone first, so its random weights "
-                "do not send large gradients into the pretrained layers")
-        for (upper, e_up, _), (lower, e_low, _) in zip(plan, plan[1:]):
-            if e_low <= e_up:
-                raise _Incorrect(
-                    f"{upper} and {lower} both unfreeze at epoch {e_up}: "
-                    "unfreeze one group per epoch")
-            if e_low > e_up + 1:
-                raise _Incorrect(
-                    f"{lower} unfreezes at epoch {e_low}, "
-                    f"{e_low - e_up} epochs after {upper}: unfreeze one "
-                    "more group at each epoch")
-        below = len(plan) - 1
-        if below < self.min_groups_below_head:
+                f"the accuracy of {_listing(odd)} is not between 0 and 1:"
+                " give the probe's test accuracy as a fraction")
+        if pick not in groups:
             raise _Incorrect(
-                f"the schedule unfreezes only {below} of the groups below "
-                f"the head: unfreeze at least {self.min_groups_below_head}"
-                f" (e.g. {', '.join(groups[::-1][1:4])})")
-        for (upper, _, lr_up), (lower, _, lr_low) in zip(plan, plan[1:]):
-            if not lr_low < lr_up:
-                raise _Incorrect(
-                    f"{lower} trains at {_rate(lr_low)}, not slower than "
-                    f"{upper} above it ({_rate(lr_up)}): each group "
-                    "further from the head needs a lower rate (factor > "
-                    "1)")
-        head_lr = plan[0][2]
-        if not self.min_head_lr <= head_lr <= self.max_head_lr:
+                f"best_layer is {pick!r}: choose one of the groups you "
+                f"measured ({', '.join(groups)})")
+        own_best = max(groups, key=measured.get)
+        if measured[pick] < measured[own_best] - self.own_tolerance:
             raise _Incorrect(
-                f"the head's rate {_rate(head_lr)} is outside 1e-5 to "
-                "1e-2: too high destroys the pretrained features, too "
-                "low learns nothing; try 1e-3")
-        return (f"{' -> '.join(names)}, one per epoch, rates from "
-                f"{_rate(head_lr)} down to {_rate(plan[-1][2])}")
+                f"your own measurements put {own_best} "
+                f"({measured[own_best]:.0%}) well ahead of your pick "
+                f"{pick} ({measured[pick]:.0%}): pick the layer your "
+                "measurement supports")
+        if heldout is None:
+            raise _Incorrect("the grader's images are missing")
+        theirs = self.measure(*heldout)
+        best = max(groups, key=theirs.get)
+        text = (f"on the checker's own images a probe after {pick} "
+                f"reaches {theirs[pick]:.0%}; the best layer there, "
+                f"{best}, {theirs[best]:.0%}; the last, {groups[-1]}, "
+                f"{theirs[groups[-1]]:.0%}")
+        if theirs[pick] < theirs[best] - self.tolerance:
+            why = (" The last layers are specialised in ImageNet's photos"
+                   if pick == groups[-1] else "")
+            raise _Incorrect(
+                f"{text}: more than {self.tolerance:.0%} below the "
+                f"best.{why} Measure with more images per class, or "
+                "check that every probe tests on images it did not "
+                "train on")
+        return text
 
 
 # The course's one vocabulary of strategies (tlhelpers.strategies).
@@ -1155,11 +1547,18 @@ class PickStrategy(Exercise):
             "tight_budget": ...,  # 200 photos per class, CPU, minutes
         }
         """)
-    hint_text = (
+    hints = (
         "Two questions decide: how many labels per class (few: keep the "
         "backbone frozen; many: adapt it) and how close the images are to "
         "ImageNet's photos (far: frozen features fit less well). The cost "
-        "of training counts too.")
+        "of training counts too.",
+        "strategies.describe() says what each strategy trains; this "
+        "notebook's learning curves and decision guide say where each "
+        "one won, with how many labels and how far from ImageNet.",
+        "For each scenario, answer in order: how many labels per class? "
+        "how far from ImageNet's photos? how much compute? Few labels, "
+        "near: a frozen backbone; many labels: adapt the backbone, "
+        "carefully; minutes on a CPU: compute features once.")
     solution_code = textwrap.dedent("""\
         strategies = {
             "few_near": "feature_extraction",    # too few labels to adapt
@@ -1172,7 +1571,7 @@ class PickStrategy(Exercise):
     @staticmethod
     def scenarios():
         """Tabulate the scenarios (key and description)."""
-        from tlhelpers.models import Table
+        from tlhelpers.display import Table
 
         return Table([{"scenario": k, "situation": v[0]}
                       for k, v in SCENARIOS.items()],
@@ -1247,6 +1646,7 @@ class Capstone(Exercise):
         "measures `final_model` on them with `final_model.transform`; "
         "it also checks that the backbone started from ImageNet weights "
         "and was fine-tuned.")
+    minutes = 30
     answers = ("final_model",)
     args = ("final_model",)
     needs = ()
@@ -1286,14 +1686,13 @@ class Capstone(Exercise):
         # BatchNorm statistics stay fixed in every group (notebook 03).
         freeze(final_model, bn_stats="frozen")
         fit(final_model, *capstone_loaders,
-            make_optimizer(final_model, lr=1e-3), epochs=by_mode(5, 3),
-            progress=False)
+            make_optimizer(final_model, lr=1e-3), epochs=by_mode(5, 3))
         # Phase 2: fine-tune the top of the backbone, more gently (the
         # model keeps its bn_stats policy).
         freeze_to(final_model, -3)
         fit(final_model, *capstone_loaders,
             make_optimizer(final_model, lr=3e-4, lr_mult=10),
-            epochs=by_mode(4, 1), progress=False)
+            epochs=by_mode(4, 1))
         """)
     points = 2.0
     task_spec = MappingProxyType({"kind": "shapes", "classes": 5,
@@ -1344,11 +1743,7 @@ class Capstone(Exercise):
         from tlhelpers import models
 
         classes = self.task()["classes"]
-        if evidence["outputs"] != classes:
-            raise _Incorrect(
-                f"final_model predicts {evidence['outputs']} classes; the "
-                f"task has {classes}: give it a new head "
-                "(load_pretrained(..., num_classes=...))")
+        _check_head("final_model", evidence["outputs"], classes)
         owner, groups = _group_of_param(evidence["model"])
         note = ""
         try:
@@ -1433,13 +1828,20 @@ class TextClassifier(Exercise):
         "whose key words your model never saw, and measures `topic_model` "
         "on them with minilm_l6's own tokenizer; it must reach the target "
         "accuracy.")
+    minutes = 15
     answers = ("topic_model",)
     args = ("topic_model",)
     needs = ()
     placeholder = (
         "# A pretrained text encoder with a new head, trained on sentences.\n"
         "topic_model = ...  # YOUR CODE\n")
-    hint_text = (
+    hints = (
+        "The pretrained encoder already places sentences about one topic "
+        "close together, even with words it never saw in your training "
+        "set; a new head on top is all that must learn your topics.",
+        "load_pretrained('minilm_l6', num_classes=...), freeze(...), "
+        "with_transform(dataset, model.transform) (the tokenizer), "
+        "make_loaders, make_optimizer and fit, all from tlhelpers.",
         "topic_model = load_pretrained('minilm_l6', num_classes=...); "
         "freeze(topic_model) keeps the encoder pretrained; give the train "
         "sentences the model's tokenizer with with_transform(train, "
@@ -1461,8 +1863,7 @@ class TextClassifier(Exercise):
         (topic_loader,) = make_loaders(
             with_transform(topic_train, topic_model.transform), batch_size=8)
         fit(topic_model, topic_loader, None,
-            make_optimizer(topic_model, lr=1e-2), epochs=by_mode(10, 6),
-            progress=False)
+            make_optimizer(topic_model, lr=1e-2), epochs=by_mode(10, 6))
         """)
     task_spec = MappingProxyType({"classes": 4})
     heldout_per_class = (25, 10)
@@ -1517,11 +1918,7 @@ class TextClassifier(Exercise):
         from tlhelpers import models
 
         classes = self.task()["classes"]
-        if evidence["outputs"] != classes:
-            raise _Incorrect(
-                f"topic_model predicts {evidence['outputs']} classes; the "
-                f"task has {classes}: give it a new head "
-                "(load_pretrained(..., num_classes=...))")
+        _check_head("topic_model", evidence["outputs"], classes)
         model = models.load_pretrained(evidence["model"],
                                        num_classes=classes)
         state = model.model.state_dict()
@@ -1563,15 +1960,16 @@ load_with_preprocessing = LoadWithPreprocessing()
 linear_probe = LinearProbe()
 freeze_backbone = FreezeBackbone()
 discriminative_lrs = DiscriminativeLRs()
-unfreezing_schedule = UnfreezingSchedule()
+unfreeze_by_hand = UnfreezeByHand()
+pick_layer = PickLayer()
 pick_strategy = PickStrategy()
 capstone = Capstone()
 text_classifier = TextClassifier()
 
 # In course order; read-only so nothing can swap an exercise at run time.
 EXERCISES = MappingProxyType({e.name: e for e in (
-    load_with_preprocessing, linear_probe, freeze_backbone,
-    discriminative_lrs, unfreezing_schedule, pick_strategy, capstone,
+    load_with_preprocessing, linear_probe, pick_layer, freeze_backbone,
+    discriminative_lrs, unfreeze_by_hand, pick_strategy, capstone,
     text_classifier)})
 
 
@@ -1592,7 +1990,7 @@ def for_notebook(notebook):
 
 def summary():
     """Tabulate every exercise: notebook, answer variables, check line."""
-    from tlhelpers.models import Table
+    from tlhelpers.display import Table
 
     return Table([{"exercise": e.name, "notebook": e.notebook,
                    "answer": ", ".join(e.answers),

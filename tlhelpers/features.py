@@ -10,9 +10,11 @@ the features are computed again.
 
 import copy
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +24,6 @@ from tqdm.auto import tqdm
 from tlhelpers import config, files, models, training
 
 CACHE_FORMAT = "tlhelpers-features-1"
-# Items hashed from procedurally drawn datasets: enough to notice a change
-# in the drawing code, cheap next to the backbone's forward pass.
-SAMPLED_ITEMS = 8
 
 
 @dataclass
@@ -33,7 +32,7 @@ class Features:
 
     features: torch.Tensor
     labels: torch.Tensor
-    classes: list = None
+    classes: list | None = None
     from_cache: bool = False
 
     def __len__(self):
@@ -68,7 +67,7 @@ def _update(digest, value):
         digest.update(repr(value).encode())
 
 
-def state_hash(module):
+def state_hash(module: nn.Module) -> str:
     """Return a hex digest of a module's structure and every weight."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(repr(module).encode())
@@ -79,41 +78,37 @@ def state_hash(module):
 
 
 def _fingerprint(dataset, digest, progress):
-    """Hash what a dataset's items depend on, as cheaply as is safe."""
-    from torch.utils.data import Subset, TensorDataset
+    """Hash what a dataset's items depend on, as cheaply as is safe.
 
-    from tlhelpers import data
+    A dataset that knows what its items depend on says so with
+    fingerprint(): a value, or a list of values, in which a dataset it
+    wraps stands for that dataset's own fingerprint. torch's and
+    torchvision's datasets are hashed from what defines them; any other
+    dataset item by item.
+    """
+    from torch.utils.data import Dataset, Subset, TensorDataset
 
     digest.update(f"{type(dataset).__qualname__}{len(dataset)}".encode())
     # A transform without parameters in its repr (a lambda) shows its
     # address, so it never matches a cache file: safe, only slower.
     digest.update(repr(getattr(dataset, "transform", None)).encode())
     if callable(getattr(dataset, "fingerprint", None)):
-        digest.update(str(dataset.fingerprint()).encode())
+        parts = dataset.fingerprint()
+        for part in parts if isinstance(parts, list) else [parts]:
+            if isinstance(part, Dataset):
+                _fingerprint(part, digest, progress)
+            else:
+                _update(digest, part)
     elif isinstance(dataset, TensorDataset):
         _update(digest, list(dataset.tensors))
-    elif isinstance(dataset, (data.LabelledSubset, Subset)):
+    elif isinstance(dataset, Subset):
         _update(digest, list(dataset.indices))
         _fingerprint(dataset.dataset, digest, progress)
-    elif isinstance(dataset, data.SyntheticImages):
-        # Drawn from these parameters; a few drawn images catch a change
-        # in the drawing code itself.
-        _update(digest, [dataset.kind, dataset.domain, dataset.classes,
-                         dataset.n_per_class, dataset.image_size,
-                         dataset.seed, sorted(dataset.controls.items())])
-        step = max(1, len(dataset) // SAMPLED_ITEMS)
-        for i in range(0, len(dataset), step)[:SAMPLED_ITEMS]:
-            _update(digest, dataset.render(i))
-    elif isinstance(dataset, data.LabelledImages):
-        _update(digest, [dataset.targets, dataset.images])
     elif hasattr(dataset, "samples"):  # ImageFolder: files and their stats
-        import os
-
         for path, target in dataset.samples:
             stat = os.stat(path)
             _update(digest, (path, target, stat.st_size, stat.st_mtime_ns))
-    elif isinstance(getattr(dataset, "dataset", None),
-                    torch.utils.data.Dataset):
+    elif isinstance(getattr(dataset, "dataset", None), Dataset):
         _fingerprint(dataset.dataset, digest, progress)
     else:
         # Unknown dataset: hash every item, the only safe choice.
@@ -122,13 +117,15 @@ def _fingerprint(dataset, digest, progress):
             _update(digest, dataset[i])
 
 
-def data_fingerprint(dataset, progress=False):
+def data_fingerprint(dataset: torch.utils.data.Dataset,
+                     progress: bool = False) -> str:
     """Return a hex digest that changes when the data or transform change.
 
-    Known datasets are hashed from what defines them (synthetic images
-    from their parameters and a few drawn items; subsets from their
-    indices; image folders from file names, sizes and times; tensors and
-    in-memory images from their bytes); any other dataset item by item.
+    Datasets with a fingerprint() method (the course's own: synthetic
+    images from their parameters and a few drawn items, subsets from
+    their indices, in-memory images from their bytes) and torch's are
+    hashed from what defines them (image folders from file names, sizes
+    and times; tensors from their bytes); any other dataset item by item.
     """
     digest = hashlib.blake2b(digest_size=16)
     _fingerprint(dataset, digest, progress)
@@ -182,8 +179,11 @@ def _check_items(dataset):
             "pretrained.transform)")
 
 
-def extract_features(model, dataset, batch_size=64, cache=True,
-                     cache_dir=None, device=None, progress=True):
+def extract_features(model: models.Model, dataset: Any,
+                     batch_size: int = 64, cache: bool = True,
+                     cache_dir: str | os.PathLike | None = None,
+                     device: str | torch.device | None = None,
+                     progress: bool | None = None) -> Features:
     """Run the frozen backbone over a dataset once; cache the features.
 
     Args:
@@ -199,6 +199,7 @@ def extract_features(model, dataset, batch_size=64, cache=True,
     Returns:
         Features(features [N, D] float32, labels [N] int64) on the CPU.
     """
+    progress = config.show_progress(progress)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: no features to extract")
     _check_items(dataset)
@@ -225,16 +226,12 @@ def extract_features(model, dataset, batch_size=64, cache=True,
                 warnings.warn(f"ignoring the unreadable feature cache "
                               f"{path.name} ({err}); computing again",
                               stacklevel=2)
-    was_training = net.training
-    net.to(device).eval()
-    try:
+    with models.eval_mode(net.to(device)):
         feats, labels = _forward_all(net, dataset, batch_size, device,
                                      progress)
-    finally:
-        net.train(was_training)
     if path is not None:
         files.save({"format": CACHE_FORMAT, "key": key,
-                               "features": feats, "labels": labels}, path)
+                    "features": feats, "labels": labels}, path)
     return Features(feats, labels, classes)
 
 
@@ -268,7 +265,8 @@ SCALINGS = (True, False, "global")
 RELATIVE_FLOOR = 0.1
 
 
-def feature_scaling(x, standardize):
+def feature_scaling(x: torch.Tensor, standardize: bool | str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (mean, scale) [D] that standardise features x [N, D].
 
     standardize: True scales each feature by its own std (floored at
@@ -353,9 +351,12 @@ def _logistic_probe(train, test, C, max_iter, standardize):
     return classifier, float(train_accuracy), float(accuracy)
 
 
-def linear_probe(train, test, method="logistic", C=1.0, max_iter=1000,
-                 epochs=30, lr=1e-2, batch_size=64, weight_decay=0.0,
-                 standardize="global", seed=0, device=None):
+def linear_probe(train: Features, test: Features, method: str = "logistic",
+                 C: float = 1.0, max_iter: int = 1000, epochs: int = 30,
+                 lr: float = 1e-2, batch_size: int = 64,
+                 weight_decay: float = 0.0, standardize: bool | str = "global",
+                 seed: int = 0, device: str | torch.device | None = None
+                 ) -> ProbeResult:
     """Train a linear classifier on features; report its accuracy.
 
     Args:

