@@ -1,13 +1,16 @@
 """Fixtures for the browser tests: a private JupyterLab and a chromium.
 
 JupyterLab runs on 127.0.0.1 with a random port and a token, on a copy of
-the course notebooks, in SMOKE mode, with a kernel that is this Python and
+the course notebooks, in SMOKE mode with progress bars shown (no
+TLH_PROGRESS: the learner's view), with a kernel that is this Python and
 settings of its own (no news pop-up, every cell kept in the page). The
 browser is Debian's `chromium`, started by us and driven by Playwright
 over the DevTools protocol (Playwright's own browser download is never
 used). Both are started once per test process (each pytest-xdist worker
 gets its own port and folders) and always stopped by process group in a
-`finally` block.
+`finally` block. One tab holds JupyterLab for the whole session; each
+test opens its notebook in it, and closes it (its kernel shut down)
+when done.
 
 The tests are skipped, with the reason, when chromium, Playwright or
 JupyterLab is missing; in CI (the CI variable is set, as .ci/run does)
@@ -30,6 +33,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+try:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+except ImportError:  # the tests skip (or fail in CI) with the reason
+    PlaywrightTimeout = TimeoutError
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -111,8 +119,10 @@ def _write_json(path, data):
 def _lab_environment(home):
     """Environment of the server and its kernels: private, SMOKE mode."""
     env = dict(os.environ)
-    for key in ("TLH_STRICT", "TLH_LIVE", "JPY_SESSION_NAME",
-                "JUPYTER_PATH", "JUPYTER_CONFIG_PATH"):
+    # The learner's view: progress bars shown (no TLH_PROGRESS=0 from a
+    # headless pass), no strict checks, no grader settings.
+    for key in ("TLH_STRICT", "TLH_LIVE", "TLH_PROGRESS", "TQDM_DISABLE",
+                "JPY_SESSION_NAME", "JUPYTER_PATH", "JUPYTER_CONFIG_PATH"):
         env.pop(key, None)
     env.update(
         TLH_SMOKE="1",
@@ -159,12 +169,9 @@ class Lab:
             body = resp.read()
         return json.loads(body) if body else None
 
-    def page_url(self, notebook):
-        """The address that opens a notebook in JupyterLab."""
-        # reset: start from an empty workspace, not the tabs the last
-        # test left open
-        return (f"{self.url}/lab/tree/{notebook}?reset&token="
-                f"{self.token}")
+    def app_url(self):
+        """The address that opens JupyterLab on an empty workspace."""
+        return f"{self.url}/lab?reset&token={self.token}"
 
     def shutdown_kernels(self):
         """Shut down every kernel, so the next notebook starts fresh."""
@@ -219,6 +226,8 @@ def lab(tmp_path_factory):
                 f"--ServerApp.root_dir={folder}",
                 "--LabApp.news_url=", "--LabApp.check_for_updates_class="
                 "jupyterlab.NeverCheckForUpdate",
+                # window.jupyterapp: open and close notebooks in one page
+                "--LabApp.expose_app_in_browser=True",
             ], log, env=env, cwd=folder)
             url = f"http://127.0.0.1:{port}"
             try:
@@ -268,26 +277,43 @@ def browser(tmp_path_factory):
         _stop(proc)
 
 
-@contextlib.contextmanager
-def _tab(browser, lab):
+@pytest.fixture(scope="session")
+def lab_page(browser, lab):
+    """One tab with JupyterLab loaded, shared by every test: notebooks
+    open and close inside it, with no page load per notebook."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     try:
         page = context.new_page()
         page.set_default_timeout(60_000)
-        yield NotebookPage(page, lab)
+        page.goto(lab.app_url())
+        page.wait_for_function("() => window.jupyterapp !== undefined",
+                               timeout=START_TIMEOUT * 1000)
+        page.evaluate("() => window.jupyterapp.restored.then(() => true)")
+        yield page
     finally:
         context.close()
+
+
+@contextlib.contextmanager
+def _tab(page, lab):
+    try:
+        yield NotebookPage(page, lab)
+    finally:
         try:
-            lab.shutdown_kernels()
-        except OSError:
-            pass
+            page.evaluate(_CLOSE_ALL)
+        finally:
+            try:
+                lab.shutdown_kernels()
+            except OSError:
+                pass
 
 
 @pytest.fixture(scope="session")
-def new_tab(browser, lab):
-    """Open a tab: `with new_tab() as notebook:` gives a NotebookPage; the
-    tab closes and the kernels shut down when the block ends."""
-    return lambda: _tab(browser, lab)
+def new_tab(lab_page, lab):
+    """Open a notebook tab: `with new_tab() as notebook:` gives a
+    NotebookPage; its notebooks close, unsaved changes dropped, and the
+    kernels shut down when the block ends."""
+    return lambda: _tab(lab_page, lab)
 
 
 @pytest.fixture
@@ -306,6 +332,87 @@ def shots():
 
 # ---------------------------------------------------------------- the page
 
+_PROMPTS = ".jp-Notebook .jp-CodeCell .jp-InputArea-prompt"
+# Busy: the kernel is not idle, or a cell runs or waits to run ([*]).
+_BUSY = f"""() => {{
+  const status = [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+      .map(e => e.innerText).filter(t => t.includes('|')).join(' ');
+  const queued = [...document.querySelectorAll({_PROMPTS!r})]
+      .some(p => p.innerText.includes('*'));
+  return !status.includes('| Idle') || queued;
+}}"""
+# Quiet for `settle` ms in a row (the page remembers since when).
+_QUIET = f"""(settle) => {{
+  const now = performance.now();
+  if (({_BUSY})()) {{ window.__quietSince = null; return false; }}
+  if (window.__quietSince == null) window.__quietSince = now;
+  return now - window.__quietSince >= settle;
+}}"""
+_KERNEL_READY = """() => {
+  const w = window.jupyterapp.shell.currentWidget;
+  const session = w && w.sessionContext && w.sessionContext.session;
+  const kernel = session && session.kernel;
+  return !!kernel && kernel.status === 'idle'
+      && kernel.connectionStatus === 'connected';
+}"""
+# Close every document in the main area, dropping unsaved changes.
+_CLOSE_ALL = """() => {
+  const app = window.jupyterapp;
+  for (const w of Array.from(app.shell.widgets('main'))) {
+    if (w.context) w.context.model.dirty = false;
+    w.dispose();
+  }
+}"""
+_TWO_FRAMES = ("() => new Promise(r => requestAnimationFrame("
+               "() => requestAnimationFrame(r)))")
+# Records every <img> and progress bar added to the page (one observer
+# for the page's life; each call starts a new record).
+_WATCH = """() => {
+  window.__seen = [];
+  if (window.__watching) return;
+  window.__watching = true;
+  const cells = () => [...document.querySelectorAll(
+      '.jp-Notebook .jp-CodeCell')];
+  const record = (kind, node) => {
+    const cell = node.closest('.jp-CodeCell');
+    if (!cell) return false;  // not in a cell (yet)
+    const prompt = cell.querySelector('.jp-InputArea-prompt');
+    window.__seen.push({kind, cell: cells().indexOf(cell),
+                        src: node.getAttribute('src') || '',
+                        running: (prompt ? prompt.innerText : '')
+                                 .includes('*'),
+                        t: performance.now()});
+    return true;
+  };
+  // ipywidgets draws a progress bar as .widget-hprogress (or vprogress)
+  const BAR = '.widget-hprogress, .widget-vprogress';
+  const bars = new WeakSet();
+  const bar = (n) => {
+    if (!bars.has(n) && record('progress', n)) bars.add(n);
+  };
+  const look = (node) => {
+    if (node.nodeType !== 1) return;
+    const found = [node, ...node.querySelectorAll('img, ' + BAR)];
+    for (const n of found) {
+      if (n.tagName === 'IMG') record('img', n);
+      else if (n.matches(BAR)) bar(n);
+    }
+  };
+  new MutationObserver((mutations) => {
+    for (const m of mutations) {
+      m.addedNodes.forEach(look);
+      if (m.type !== 'attributes') continue;
+      if (m.attributeName === 'src' && m.target.tagName === 'IMG') {
+        record('img', m.target);
+      } else if (m.attributeName === 'class' && m.target.matches(BAR)) {
+        bar(m.target);  // classes a view adds once it is in the page
+      }
+    }
+  }).observe(document.body, {childList: true, subtree: true,
+                             attributes: true,
+                             attributeFilter: ['src', 'class']});
+}"""
+
 
 class NotebookPage:
     """Drive one notebook in JupyterLab the way a learner does."""
@@ -317,10 +424,17 @@ class NotebookPage:
 
     def open(self, name):
         """Open a notebook and wait until its kernel is idle."""
-        self.page.goto(self.lab.page_url(name))
+        self.page.evaluate(
+            "(path) => window.jupyterapp.commands.execute("
+            "'docmanager:open', {path, factory: 'Notebook'})"
+            ".then(() => true)", name)
         self.page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
         panels = self.page.locator(".jp-NotebookPanel")
         assert panels.count() == 1, f"{panels.count()} notebooks open"
+        # This notebook's own kernel, started and connected (the status
+        # bar may still show the last notebook's for a moment).
+        self.page.wait_for_function(_KERNEL_READY, polling=100,
+                                    timeout=180_000)
         self.wait_idle(timeout=180)
 
     def kernel_status(self):
@@ -337,24 +451,25 @@ class NotebookPage:
 
     def busy(self):
         """Whether a cell runs or waits to run, or the kernel is busy."""
-        return ("| Idle" not in self.kernel_status()
-                or any("*" in p for p in self.prompts()))
+        return self.page.evaluate(f"() => ({_BUSY})()")
 
-    def wait_idle(self, timeout=None, settle=1.0):
-        """Wait until nothing runs (and stays so for `settle` seconds)."""
-        deadline = time.monotonic() + (timeout or self.RUN_TIMEOUT)
-        quiet_since = None
-        while time.monotonic() < deadline:
-            if self.busy():
-                quiet_since = None
-            elif quiet_since is None:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= settle:
-                return
-            time.sleep(0.25)
-        raise AssertionError(
-            f"still busy after {timeout or self.RUN_TIMEOUT} s: kernel "
-            f"{self.kernel_status()!r}, prompts {self.prompts()}")
+    def wait_idle(self, timeout=None, settle=0.5):
+        """Wait until nothing runs (and stays so for `settle` seconds).
+
+        The page itself polls (every 100 ms): no fixed sleeps, and no
+        round trip to Python per look.
+        """
+        timeout = timeout or self.RUN_TIMEOUT
+        self.page.evaluate("() => { window.__quietSince = null; }")
+        try:
+            self.page.wait_for_function(
+                _QUIET, arg=settle * 1000, polling=100,
+                timeout=timeout * 1000)
+        except PlaywrightTimeout:
+            raise AssertionError(
+                f"still busy after {timeout} s: kernel "
+                f"{self.kernel_status()!r}, prompts {self.prompts()}"
+            ) from None
 
     def menu(self, menu, command):
         """Click a top menu, then the item that runs `command`."""
@@ -368,9 +483,23 @@ class NotebookPage:
     def run_all(self):
         """Run > Run All Cells, then wait for the kernel to finish."""
         self.menu("Run", "runmenu:run-all")
-        # The first cell starts at once; give the queue a moment to show.
-        self.page.wait_for_timeout(1000)
+        # Started: a cell runs or waits ([*]), or every cell has run.
+        self.page.wait_for_function(
+            f"() => ({_BUSY})() || [...document.querySelectorAll("
+            f"{_PROMPTS!r})].every(p => /\\[\\d+\\]/.test(p.innerText))",
+            polling=100, timeout=60_000)
         self.wait_idle()
+
+    def watch(self):
+        """Record, from now on, every image and progress bar the page
+        adds, with its code cell and whether that cell was running."""
+        self.page.evaluate(_WATCH)
+
+    def seen(self, kind):
+        """What watch() recorded: dicts with kind ("img" or "progress"),
+        cell (its index among code cells), src, running, t (ms)."""
+        return [e for e in self.page.evaluate("() => window.__seen || []")
+                if e["kind"] == kind]
 
     def save(self):
         """File > Save Notebook; wait until the tab is no longer dirty."""
@@ -379,7 +508,6 @@ class NotebookPage:
             "() => !document.querySelector("
             "'.jp-NotebookPanel:not(.lm-mod-hidden) .jp-mod-dirty, "
             ".lm-TabBar-tab.lm-mod-current.jp-mod-dirty')")
-        self.page.wait_for_timeout(500)
 
     def error_texts(self):
         """Texts of error outputs: tracebacks and widgets that failed."""
@@ -405,11 +533,11 @@ class NotebookPage:
                                     "height": int(min(max(height + 200,
                                                           size["height"]),
                                                       16000))})
-            page.wait_for_timeout(500)
+            page.evaluate(_TWO_FRAMES)  # the layout follows the size
             page.evaluate(
                 "() => document.querySelectorAll('.jp-NotebookPanel "
                 ".jp-WindowedPanel-outer').forEach(e => { e.scrollTop = 0 })")
-            page.wait_for_timeout(500)
+            page.evaluate(_TWO_FRAMES)
             page.screenshot(path=str(path))
         finally:
             page.set_viewport_size(size)

@@ -2,15 +2,19 @@
 
 What a learner does: open the notebook, Run > Run All Cells, wait, save.
 The run must end with every code cell executed and no error output, in
-the page and in the saved file. Each widget a notebook shows is then
-changed and must react: a feature-map browser's slider redraws it, a
-training explorer's plan follows its strategy, and a live plot's figure
-stays in the saved file. A screenshot of each notebook goes to
-_build/ui/, with the run's duration and what the widgets did in
+the page and in the saved file. A notebook that calls a slow function
+(fit, lr_find, extract_features, compare_strategies) without
+progress=False must show a progress bar while one of its cells runs.
+Each widget a notebook shows is then changed and must react: a
+feature-map browser's slider redraws it, a training explorer's plan
+follows its strategy, and a live plot's figure stays in the saved file.
+A screenshot of each notebook goes to _build/ui/, with the run's
+duration, the progress bars seen and what the widgets did in
 NN_name.json beside it.
 """
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -44,6 +48,20 @@ def _code_cells_using(path, *names):
             if c["cell_type"] == "code"]
     return [i for i, src in enumerate(code)
             if any(f"{name}(" in src for name in names)]
+
+
+# A call of a function that shows a bar (a bare call: notebooks import by
+# name), in a cell that does not turn the bar off.
+SLOW_CALL = re.compile(
+    r"(?<![\w.])(fit|lr_find|extract_features|compare_strategies)\(")
+
+
+def _shows_progress(path):
+    """Whether some code cell calls a slow function with its bar on."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    return any(SLOW_CALL.search(src) and "progress=False" not in src
+               for src in ("".join(c["source"]) for c in nb["cells"]
+                           if c["cell_type"] == "code"))
 
 
 def _until(predicate, what, timeout=60):
@@ -122,14 +140,16 @@ def _exercise_widgets(notebook, path, saved):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_jupyterlab(path, notebook, lab, shots):
-    """Run All Cells ends with every cell run and no error output, and
-    every widget shown reacts to a change."""
+    """Run All Cells ends with every cell run and no error output, a
+    progress bar shows where the learner waits, and every widget shown
+    reacts to a change."""
     saved = lab.folder / path.name
     facts = {"notebook": path.name}
     start = time.monotonic()
     try:
         notebook.open(path.name)
         facts["open_s"] = round(time.monotonic() - start, 1)
+        notebook.watch()
         notebook.run_all()
         facts["run_all_s"] = round(time.monotonic() - start
                                    - facts["open_s"], 1)
@@ -141,6 +161,15 @@ def test_notebook_runs_in_jupyterlab(path, notebook, lab, shots):
             notebook.kernel_status()
         assert notebook.error_texts() == []
         assert _saved_problems(saved) == []
+        bars = notebook.seen("progress")
+        facts["progress_bars"] = {
+            "shown": len(bars),
+            "while_running": len([b for b in bars if b["running"]]),
+            "code_cells": sorted({b["cell"] + 1 for b in bars})}
+        if _shows_progress(path):
+            assert facts["progress_bars"]["while_running"] >= 1, (
+                "no progress bar appeared while a cell ran, though the "
+                "notebook calls a slow function with its bar on")
         facts["widgets"] = _exercise_widgets(notebook, path, saved)
         assert notebook.error_texts() == []
     finally:
