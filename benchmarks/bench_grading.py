@@ -45,8 +45,9 @@ COHORT = (300, 7)             # learners, notebooks each
 PROJECT_WORKERS = (2, 16, 64)
 PROBE = """\
 import sys
-from tlhelpers.grading import _limit_memory
-_limit_memory(int(sys.argv[1]))
+from tlhelpers.grading import AS_ALLOWANCE_MB
+from tlhelpers.kernels import limit_memory
+limit_memory(int(sys.argv[1]), AS_ALLOWANCE_MB)
 try:
     import ipykernel.kernelapp
     from tlhelpers import exercises
