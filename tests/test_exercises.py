@@ -60,7 +60,7 @@ def assert_incorrect(result, *phrases):
 
 def test_every_course_exercise_is_registered_in_course_order():
     assert list(EXERCISES) == [
-        "load_with_preprocessing", "linear_probe", "pick_layer",
+        "load_with_preprocessing", "train_probe", "pick_layer",
         "freeze_backbone", "discriminative_lrs", "unfreeze_by_hand",
         "pick_strategy", "capstone", "text_classifier"]
     assert {e.notebook for e in EXERCISES.values()} == set(COURSE_NOTEBOOKS)
@@ -194,8 +194,8 @@ def test_hints_are_graduated_concept_api_then_code_shape(exercise, capsys):
 
 
 def test_a_hint_level_that_does_not_exist_is_explained(capsys):
-    exercises.linear_probe.hint(4)
-    exercises.linear_probe.hint(0)
+    exercises.train_probe.hint(4)
+    exercises.train_probe.hint(0)
     out = capsys.readouterr().out
     assert out.count("use hint(1) to hint(3), got") == 2
 
@@ -635,19 +635,19 @@ def test_heldout_images_are_drawn_from_the_task_without_labels(smoke):
 
 def _probe_evidence(weight, labels):
     features = torch.nn.functional.one_hot(labels, 5).float()
-    return exercises.linear_probe._evidence(
+    return exercises.train_probe._evidence(
         features=features, weight=weight, bias=torch.zeros(5),
         classes=torch.arange(5))
 
 
-def test_linear_probe_applies_the_probe_itself_not_a_reported_number(
+def test_train_probe_applies_the_probe_itself_not_a_reported_number(
         smoke):
     """The judge applies the recorded probe to the recorded features."""
     labels = torch.arange(50) % 5
     good = _probe_evidence(torch.eye(5), labels)
-    assert exercises.linear_probe.grade(good, (None, labels)).passed
+    assert exercises.train_probe.grade(good, (None, labels)).passed
     bad = _probe_evidence(torch.zeros(5, 5), labels)
-    result = exercises.linear_probe.grade(_roundtrip(bad), (None, labels))
+    result = exercises.train_probe.grade(_roundtrip(bad), (None, labels))
     assert_incorrect(result, "classifies 20% of 50 held-out images",
                      "target 70%")
 
@@ -668,31 +668,31 @@ def test_a_probe_that_is_not_linear_is_refused():
     assert weight.shape == (3, 4) and classes.tolist() == [0, 1, 2]
 
 
-def test_linear_probe_needs_a_probe(untrained):
-    result = exercises.linear_probe.check(0.95, untrained)
+def test_train_probe_needs_a_probe(untrained):
+    result = exercises.train_probe.check(0.95, untrained)
     assert_incorrect(result, "must be what linear_probe(...) returns")
-    result = exercises.linear_probe.check(..., untrained)
+    result = exercises.train_probe.check(..., untrained)
     assert result.status == "not attempted"
 
 
 @pytest.mark.slow
-def test_linear_probe_solution_passes_and_a_faked_accuracy_does_not(smoke):
+def test_train_probe_solution_passes_and_a_faked_accuracy_does_not(smoke):
     from tlhelpers import data
 
     pretrained = models.load_pretrained(image_size=96)
-    task = exercises.linear_probe.task()
+    task = exercises.train_probe.task()
     train_ds = data.synthetic_images(**task, n_per_class=8, seed=0,
                                      transform=pretrained.transform)
     test_ds = data.synthetic_images(**task, n_per_class=4, seed=1,
                                     transform=pretrained.transform)
-    namespace = _solve(exercises.linear_probe, pretrained=pretrained,
+    namespace = _solve(exercises.train_probe, pretrained=pretrained,
                        train_ds=train_ds, test_ds=test_ds)
-    assert _check(exercises.linear_probe, namespace).passed
+    assert _check(exercises.train_probe, namespace).passed
     random_net = models.load_pretrained(weights=None, image_size=96)
-    cheat = _solve(exercises.linear_probe, pretrained=random_net,
+    cheat = _solve(exercises.train_probe, pretrained=random_net,
                    train_ds=train_ds, test_ds=test_ds)["probe"]
     cheat.accuracy = 1.0  # a reported number is never trusted
-    result = exercises.linear_probe.check(cheat, random_net)
+    result = exercises.train_probe.check(cheat, random_net)
     assert_incorrect(result, "held-out images")
 
 

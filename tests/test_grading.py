@@ -81,8 +81,8 @@ EXPECTED = {
     # 1. The canary finds no seed, command line, environment or public
     # held-out images; it answers nothing.
     "seed_thief/02_feature_extraction.ipynb": (
-        {"linear_probe": "0", "pick_layer": "0"}, "0", "2", "cell errors",
-        ["LookupError: leaks: none", "linear_probe: not attempted"]),
+        {"train_probe": "0", "pick_layer": "0"}, "0", "2", "cell errors",
+        ["LookupError: leaks: none", "train_probe: not attempted"]),
     # 2. Forged files, patched modules, claims in the kernel: no points.
     "forger/05_choosing_a_strategy.ipynb": (
         {"pick_strategy": "0"}, "0", "1", "ok",
@@ -100,7 +100,7 @@ EXPECTED = {
         ["the recording cell ran but wrote nothing for pick_strategy"]),
     # 3. The vandal cannot touch its own held-out copy or anyone else's.
     "vandal/02_feature_extraction.ipynb": (
-        {"linear_probe": "1", "pick_layer": "0"}, "1", "2", "ok",
+        {"train_probe": "1", "pick_layer": "0"}, "1", "2", "ok",
         ["pick_layer: not attempted"]),
     # 4. Honest work at the smallest memory limit accepted, scored here.
     "hana/06_capstone.ipynb": (
@@ -157,11 +157,11 @@ EXPECTED = {
     # measurement, and an early one picked from made-up numbers, which
     # the grader's own measurement on its own images refutes.
     "pia/02_feature_extraction.ipynb": (
-        {"linear_probe": "0", "pick_layer": "1"}, "1", "2", "ok",
-        ["linear_probe: not attempted",
+        {"train_probe": "0", "pick_layer": "1"}, "1", "2", "ok",
+        ["train_probe: not attempted",
          "the answer to pick_layer is the reference solution"]),
     "quinn/02_feature_extraction.ipynb": (
-        {"linear_probe": "0", "pick_layer": "0"}, "0", "2", "ok",
+        {"train_probe": "0", "pick_layer": "0"}, "0", "2", "ok",
         ["pick_layer: incorrect: on the checker's own images a probe "
          "after stage2 reaches", "below the best"]),
     "nina/04_progressive_unfreezing.ipynb": (
@@ -293,7 +293,7 @@ def test_accuracy_is_measured_by_the_grader_on_intact_heldout_copies(
     book, _, _ = graded
     by_file = {r.file: r for r in book.rows}
     probe = by_file["vandal/02_feature_extraction.ipynb"].results[
-        "linear_probe"]
+        "train_probe"]
     assert probe.passed and "the probe classifies" in probe.message
     assert "held-out images the checker drew" in probe.message
     assert by_file["seed_thief/02_feature_extraction.ipynb"].status == (

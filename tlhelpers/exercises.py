@@ -796,10 +796,10 @@ class FreezeBackbone(Exercise):
                 "statistics stay fixed")
 
 
-class LinearProbe(Exercise):
+class TrainProbe(Exercise):
     """Train a linear probe on frozen features; reach the target."""
 
-    name = "linear_probe"
+    name = "train_probe"
     notebook = "02_feature_extraction"
     title = "Features and a linear probe"
     statement = (
@@ -1957,7 +1957,7 @@ class TextClassifier(Exercise):
 # --------------------------------------------------------------- registry
 
 load_with_preprocessing = LoadWithPreprocessing()
-linear_probe = LinearProbe()
+train_probe = TrainProbe()
 freeze_backbone = FreezeBackbone()
 discriminative_lrs = DiscriminativeLRs()
 unfreeze_by_hand = UnfreezeByHand()
@@ -1968,7 +1968,7 @@ text_classifier = TextClassifier()
 
 # In course order; read-only so nothing can swap an exercise at run time.
 EXERCISES = MappingProxyType({e.name: e for e in (
-    load_with_preprocessing, linear_probe, pick_layer, freeze_backbone,
+    load_with_preprocessing, train_probe, pick_layer, freeze_backbone,
     discriminative_lrs, unfreeze_by_hand, pick_strategy, capstone,
     text_classifier)})
 

@@ -15,7 +15,7 @@ Points per exercise and partial credit come from a small TOML file::
     # points.toml
     [exercises]
     capstone = { points = 4, partial = true }
-    linear_probe = 2          # 2 points, all or nothing
+    train_probe = 2           # 2 points, all or nothing
     freeze_backbone = { points = 1 }
 
 An exercise's score is its points times the fraction the checker gave
