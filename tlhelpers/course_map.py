@@ -37,23 +37,21 @@ CORE_PATH_MINUTES = 90
 EXTENSION_TAG = "extension"
 EXTENSION_NOTEBOOK = "Course map: extension"
 SCAFFOLD = "# extra code"
-# Wall time of each notebook in full mode, in seconds, as `tlcourse run`
-# reported it (fresh kernels), from the README's table of notebooks: "< 1
-# min" is counted as 60 s. 00 and 08 were run for this table on a 2-core
-# machine busy with other work (one thread). 04, 05 and 06 were run again
-# after their experiments changed: 05 alone on a quiet 2-core machine
-# (9 min 7 s); 04 (7 min 30 s) and 06 (51 s) with one thread each, beside
-# another notebook, so theirs are upper bounds.
+# Wall time of each notebook in full mode, in seconds, as `tlcourse run
+# --jobs 1` reported it (fresh kernels, one notebook at a time) on a quiet
+# 2-core machine with 2 threads, read with `measured_compute`. On a shared
+# machine times vary: an earlier run of 05 took 547 s, this one 855 s;
+# the larger figure is kept, as a learner waits for it.
 COMPUTE_SECONDS = {
-    "00_welcome": 48,
-    "01_pretrained_models": 60,
-    "02_feature_extraction": 60,
-    "03_fine_tuning": 60,
-    "04_progressive_unfreezing": 450,
-    "05_choosing_a_strategy": 547,
-    "06_capstone": 51,
-    "07_transfer_learning_for_text": 281,
-    "08_appendix_running_the_course": 77,
+    "00_welcome": 8,
+    "01_pretrained_models": 22,
+    "02_feature_extraction": 23,
+    "03_fine_tuning": 128,
+    "04_progressive_unfreezing": 419,
+    "05_choosing_a_strategy": 855,
+    "06_capstone": 44,
+    "07_transfer_learning_for_text": 83,
+    "08_appendix_running_the_course": 10,
 }
 _HEADING = re.compile(r"^(#{2,3})\s+(.*)$")
 _STATED = re.compile(r"Learner time: about (\d+) minutes")
