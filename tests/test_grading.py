@@ -456,6 +456,16 @@ def test_help_lists_the_exit_codes_and_timeout_zero(capsys):
     assert args.timeout == 0
 
 
+@pytest.mark.parametrize("jobs", ["0", "-1", "1.5", "two"])
+def test_grade_jobs_option_rejects_what_is_not_a_count(jobs, capsys):
+    """The same --jobs as tlcourse run: a whole number, 1 or more."""
+    with pytest.raises(SystemExit) as stop:
+        grading.build_parser().parse_args(["x", "--jobs", jobs])
+    assert stop.value.code == 2
+    assert "give a whole number, 1 or more" in capsys.readouterr().err
+    assert grading.build_parser().parse_args(["x", "--jobs", "3"]).jobs == 3
+
+
 # ---------------------------------------------------- reading notebooks
 
 

@@ -478,19 +478,6 @@ def _shown(path):
         return str(path)
 
 
-def _jobs_argument(text):
-    """argparse type of --jobs: a whole number, 1 or more."""
-    try:
-        jobs = int(text)
-    except ValueError:
-        jobs = 0
-    if jobs < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of notebooks: give a whole number, "
-            "1 or more")
-    return jobs
-
-
 def cmd_run(args):
     """Run the course notebooks; exit 1 naming the first failing cell."""
     if args.course is not None:
@@ -707,7 +694,7 @@ def build_parser():
                      "mode (TLH_STRICT=1): every check must pass")
     run.add_argument("--no-progress", action="store_true",
                      help="no progress bar")
-    run.add_argument("--jobs", metavar="N", type=_jobs_argument,
+    run.add_argument("--jobs", metavar="N", type=kernels.jobs_argument,
                      help="notebooks run at once, each kernel with its "
                      "share of the cores (default: one per core, as memory "
                      "allows, at most 4)")

@@ -1572,7 +1572,8 @@ def add_arguments(parser):
                         help="memory each notebook's kernel may allocate, "
                              f"at least {MIN_MEMORY_MB} (default: "
                              f"{DEFAULT_MEMORY_MB})")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=kernels.jobs_argument,
+                        default=None,
                         help="notebooks graded at once (default: "
                              f"{default_jobs()} on this machine)")
     parser.add_argument("--seed", type=int, default=None,

@@ -606,6 +606,21 @@ def seconds_argument(text):
     return value
 
 
+def jobs_argument(text):
+    """Read a command line's --jobs: notebooks at once, a whole number >= 1."""
+    import argparse
+
+    try:
+        jobs = int(text)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of notebooks: give a whole number, "
+            "1 or more")
+    return jobs
+
+
 def kernel_manager(wrapper=(), ipc_folder=None, encrypt=True):
     """Return a kernel manager that starts ipykernel in this Python.
 
