@@ -398,9 +398,8 @@ def _group_of_param(name):
     groups = models.layer_groups(net)
     owner = {}
     for group, modules in groups.items():
-        for module in modules:
-            for p in module.parameters():
-                owner.setdefault(id(p), group)
+        for p in models.group_parameters(modules):
+            owner.setdefault(id(p), group)
     mapping = {pname: owner[id(p)] for pname, p in net.named_parameters()
                if id(p) in owner}
     return mapping, list(groups)
