@@ -104,6 +104,74 @@ def test_extension_sections_cells_and_notebooks_are_counted_apart(
         est.total_minutes + 1 + marker)
 
 
+def test_extension_cells_compute_counts_toward_the_extensions(tmp_path):
+    path = _write(tmp_path, "09_split", [
+        _md("## 1. Core"), _code("a = 1"),
+        _md("## 2. Extension: slow"), _code("b = 2")])
+    est = course_map.estimate(path, {"09_split": (60, 240)})
+    assert est.compute == pytest.approx(1)
+    assert est.ext_compute == pytest.approx(4)
+    assert est.core_minutes == pytest.approx(
+        est.words / course_map.WORDS_PER_MINUTE + 0.1 + 1)
+    assert est.extension_minutes == pytest.approx(
+        est.ext_words / course_map.WORDS_PER_MINUTE + 0.1 + 4)
+
+
+def _timed(cell, start, seconds):
+    cell["metadata"]["execution"] = {
+        "iopub.execute_input": f"2026-01-01T10:00:{start:02d}.000000Z",
+        "shell.execute_reply": f"2026-01-01T10:00:{start + seconds:02d}"
+                               ".500000Z"}
+    return cell
+
+
+def test_measured_compute_splits_a_build_by_the_cells_timings(tmp_path):
+    cells = [_md("## 1. Core"), _timed(_code("a = 1"), 0, 3),
+             _md("## 2. Extension: slow"), _timed(_code("b = 2"), 4, 20),
+             _timed(_code("c = 3", ["extension"]), 30, 5)]
+    _write(tmp_path, "09_split", cells)
+    _write(tmp_path, "10_extra", [
+        _md("# 10 · More\n\n*Course map: extension.*"),
+        _timed(_code("d = 4"), 0, 9)])
+    _write(tmp_path, "11_broken", [_code("e = 5")])
+    (tmp_path / "build.json").write_text(json.dumps({"notebooks": [
+        {"name": "09_split.ipynb", "ipynb": "09_split.ipynb",
+         "status": "passed", "seconds": 40.0},
+        {"name": "10_extra.ipynb", "ipynb": "10_extra.ipynb",
+         "status": "passed", "seconds": 12.0},
+        {"name": "11_broken.ipynb", "status": "failed", "seconds": 1.0}]}))
+    # 20.5 + 5.5 s in extension cells; the rest, the start included, core
+    assert course_map.measured_compute(tmp_path) == {
+        "09_split": (14, 26), "10_extra": (0, 12)}
+    assert course_map.cell_seconds(_code("x = 1")) == 0.0
+
+
+def test_a_core_cell_that_needs_an_extension_is_found():
+    nb = _nb([
+        _md("## 1. Core"), _code("import torch\nmodel = 1\nrate = 2"),
+        _md("## 2. Extension: a detour"),
+        _code("detour = model * 2\ndef helper(x):\n    return x\n"
+              "rate = 3"),
+        _md("## 3. Core again"),
+        _code("%matplotlib inline\nprint(model, rate, torch)\n"
+              "total = helper(detour) + sum(i for i in range(3))"),
+    ])
+    assert course_map.extension_dependencies(nb) == [
+        (5, "detour"), (5, "helper")]
+    nb["cells"][3]["source"] = "detour2 = 1"
+    assert course_map.extension_dependencies(nb) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_core_path_stands_without_the_extensions(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    found = course_map.extension_dependencies(nb)
+    assert not found, (
+        f"core cells use names only extension cells define (cell, name): "
+        f"{found}; define them on the core path, or mark the cell as an "
+        "extension")
+
+
 def test_a_notebook_without_a_measured_compute_time_is_explained(
         tmp_path):
     path = _write(tmp_path, "09_new", [_md("# 09 · New")])
@@ -212,11 +280,6 @@ def test_plumbing_lives_in_the_appendix_not_in_the_welcome():
     assert course_map.is_extension_notebook(json.loads(text))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "by the rule the core path takes about 197 minutes, not 90: marking "
-    "the repeated demonstrations as extensions is not enough; the core "
-    "sections of 01 to 05 need shorter prose and code (issue 15). Remove "
-    "this mark when the test passes."))
 def test_the_core_path_fits_in_90_minutes(estimates):
     total = course_map.core_path_minutes(estimates.values())
     per_notebook = {k: round(e.core_minutes) for k, e in estimates.items()

@@ -10,8 +10,9 @@ notebooks themselves (``estimate``):
   outside ``# extra code`` cells (those are run but need not be read);
 - compute: the notebook's wall time in full mode, as ``tlcourse run``
   measured it (``COMPUTE_SECONDS``; refresh it from a build folder with
-  ``measured_compute``). All of it counts toward the core path: a
-  learner who runs the notebook top to bottom waits for every cell;
+  ``measured_compute``), split by the cells' own timings: the time of
+  extension cells counts toward the extensions, everything else (the
+  kernel's start included) toward the core path;
 - exercises: each exercise's own stated ``minutes``.
 
 What is an extension, and so outside the core path:
@@ -21,10 +22,17 @@ What is an extension, and so outside the core path:
   the next heading of the same or a higher level;
 - a cell tagged ``extension``.
 
+A learner on the core path skips the extensions, so no core cell may
+use a name that only an extension cell defines: ``extension_dependencies``
+finds any that does.
+
 Each notebook states its learner time in its top cell, in a line that
 starts ``Learner time: about N minutes``; ``stated_minutes`` reads it.
 """
 
+import ast
+import builtins
+import datetime
 import json
 import math
 import re
@@ -39,19 +47,19 @@ EXTENSION_NOTEBOOK = "Course map: extension"
 SCAFFOLD = "# extra code"
 # Wall time of each notebook in full mode, in seconds, as `tlcourse run
 # --jobs 1` reported it (fresh kernels, one notebook at a time) on a quiet
-# 2-core machine with 2 threads, read with `measured_compute`. On a shared
-# machine times vary: an earlier run of 05 took 547 s, this one 855 s;
-# the larger figure is kept, as a learner waits for it.
+# 2-core machine with 2 threads, read with `measured_compute`: (core
+# cells and the kernel's start, extension cells). On a shared machine
+# times vary; the larger of two runs is kept, as a learner waits for it.
 COMPUTE_SECONDS = {
-    "00_welcome": 8,
-    "01_pretrained_models": 22,
-    "02_feature_extraction": 23,
-    "03_fine_tuning": 128,
-    "04_progressive_unfreezing": 419,
-    "05_choosing_a_strategy": 855,
-    "06_capstone": 44,
-    "07_transfer_learning_for_text": 83,
-    "08_appendix_running_the_course": 10,
+    "00_welcome": (11, 0),
+    "01_pretrained_models": (12, 17),
+    "02_feature_extraction": (16, 7),
+    "03_fine_tuning": (152, 113),
+    "04_progressive_unfreezing": (269, 203),
+    "05_choosing_a_strategy": (681, 147),
+    "06_capstone": (0, 44),
+    "07_transfer_learning_for_text": (0, 83),
+    "08_appendix_running_the_course": (0, 10),
 }
 _HEADING = re.compile(r"^(#{2,3})\s+(.*)$")
 _STATED = re.compile(r"Learner time: about (\d+) minutes")
@@ -67,10 +75,11 @@ class Estimate:
     words: int               # core prose words
     code_lines: int          # core code lines
     exercises: float         # minutes of core exercises
-    compute: float           # minutes of compute (full mode)
+    compute: float           # minutes of core compute (full mode)
     ext_words: int = 0
     ext_code_lines: int = 0
     ext_exercises: float = 0.0
+    ext_compute: float = 0.0  # minutes of extension cells' compute
 
     @property
     def core_minutes(self):
@@ -86,7 +95,7 @@ class Estimate:
         """Return the minutes of its extensions (all of it if one)."""
         extra = (self.ext_words / WORDS_PER_MINUTE
                  + self.ext_code_lines / CODE_LINES_PER_MINUTE
-                 + self.ext_exercises)
+                 + self.ext_exercises + self.ext_compute)
         if self.extension:
             return (extra + self.words / WORDS_PER_MINUTE
                     + self.code_lines / CODE_LINES_PER_MINUTE
@@ -104,7 +113,8 @@ class Estimate:
                 "path": "extension" if self.extension else "core",
                 "core min": round(self.core_minutes),
                 "extension min": round(self.extension_minutes),
-                "compute min": round(self.compute, 1),
+                "core compute min": round(self.compute, 1),
+                "extension compute min": round(self.ext_compute, 1),
                 "words": self.words + self.ext_words,
                 "code lines": self.code_lines + self.ext_code_lines}
 
@@ -197,8 +207,10 @@ def estimate(path, compute_seconds=None):
         raise ValueError(
             f"no measured compute time for {path.stem}: run `tlcourse run "
             f"notebooks/{path.name}` and add its time to COMPUTE_SECONDS")
+    core, ext = (seconds if isinstance(seconds, (tuple, list))
+                 else (seconds, 0))
     est = Estimate(path.stem, is_extension_notebook(nb), 0, 0, 0.0,
-                   seconds / 60)
+                   core / 60, ext_compute=ext / 60)
     for cell, where in zip(nb["cells"], cell_paths(nb)):
         if where == "reading":
             continue
@@ -249,17 +261,104 @@ def stated_line(est):
             f"on the core path (reading, running, exercises){more}.")
 
 
+def _timestamp(text):
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def cell_seconds(cell):
+    """Return how long an executed cell ran, from its timing metadata."""
+    timing = cell.get("metadata", {}).get("execution", {})
+    try:
+        return max((_timestamp(timing["shell.execute_reply"])
+                    - _timestamp(timing["iopub.execute_input"])
+                    ).total_seconds(), 0.0)
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
 def measured_compute(build_dir):
     """Read each notebook's wall time from a `tlcourse run` build.
 
+    The executed notebooks keep each cell's timing; the time of extension
+    cells is split off, and the rest (the kernel's start included) is the
+    core's.
+
     Returns:
-        {notebook stem: seconds}, from build.json.
+        {notebook stem: (core seconds, extension seconds)}.
     """
-    data = json.loads((Path(build_dir) / "build.json").read_text(
+    build_dir = Path(build_dir)
+    data = json.loads((build_dir / "build.json").read_text(
         encoding="utf-8"))
-    return {Path(r["name"]).stem: float(r["seconds"])
-            for r in data.get("notebooks", [])
-            if r.get("status") == "passed"}
+    measured = {}
+    for record in data.get("notebooks", []):
+        if record.get("status") != "passed":
+            continue
+        total = float(record["seconds"])
+        executed = build_dir / (record.get("ipynb") or record["name"])
+        ext = 0.0
+        if executed.is_file():
+            nb = json.loads(executed.read_text(encoding="utf-8"))
+            if is_extension_notebook(nb):
+                ext = total
+            else:
+                ext = sum(cell_seconds(cell) for cell, where in zip(
+                    nb["cells"], cell_paths(nb)) if where == "extension")
+        measured[Path(record["name"]).stem] = (round(total - ext),
+                                               round(ext))
+    return measured
+
+
+def _bound_and_used(tree):
+    """Return (names a cell binds, names it reads that it did not bind)."""
+    bound, used = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (used if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                               ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                bound.add((alias.asname or alias.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return bound, used - bound
+
+
+def _python(source):
+    """The cell's source without IPython's magics and shell lines."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!", "?"))
+                     else line for line in source.splitlines())
+
+
+def extension_dependencies(nb):
+    """Find core cells that use a name only an extension cell defines.
+
+    A learner on the core path skips the extensions; such a core cell
+    would fail with a NameError for them.
+
+    Returns:
+        [(cell index, name), ...]; empty when the core path stands alone.
+    """
+    core, extension, found = set(dir(builtins)), set(), []
+    for index, (cell, where) in enumerate(zip(nb.get("cells", []),
+                                              cell_paths(nb))):
+        if cell.get("cell_type") != "code" or where == "reading":
+            continue
+        try:
+            tree = ast.parse(_python(_source(cell)))
+        except SyntaxError:
+            continue
+        bound, used = _bound_and_used(tree)
+        if where == "core":
+            found += [(index, name) for name in sorted(used)
+                      if name in extension and name not in core]
+            core |= bound
+        else:
+            extension |= bound
+    return found
 
 
 def table(notebooks, compute_seconds=None):
