@@ -61,8 +61,8 @@ def assert_incorrect(result, *phrases):
 def test_every_course_exercise_is_registered_in_course_order():
     assert list(EXERCISES) == [
         "load_with_preprocessing", "train_probe", "pick_layer",
-        "freeze_backbone", "discriminative_lrs", "unfreeze_by_hand",
-        "pick_strategy", "capstone", "text_classifier"]
+        "freeze_backbone", "discriminative_lrs", "fix_the_script",
+        "unfreeze_by_hand", "pick_strategy", "capstone", "text_classifier"]
     assert {e.notebook for e in EXERCISES.values()} == set(COURSE_NOTEBOOKS)
     for name, exercise in EXERCISES.items():
         assert getattr(exercises, name) is exercise
@@ -76,7 +76,8 @@ def test_unknown_exercise_names_every_exercise():
 
 def test_for_notebook_returns_the_exercises_a_notebook_hosts():
     names = [e.name for e in exercises.for_notebook("03_fine_tuning.ipynb")]
-    assert names == ["freeze_backbone", "discriminative_lrs"]
+    assert names == ["freeze_backbone", "discriminative_lrs",
+                     "fix_the_script"]
     assert exercises.for_notebook("00_welcome") == []
 
 
@@ -405,6 +406,112 @@ def test_optimizer_missing_the_backbone_or_the_head_fails(untrained):
 def test_discriminative_placeholder_is_not_attempted(untrained):
     result = exercises.discriminative_lrs.check(..., untrained)
     assert result.status == "not attempted"
+
+
+# ------------------------------------------------------- fix_the_script
+
+FIX = exercises.fix_the_script
+# One bug put back into the reference solution at a time: (what the
+# solution says, what the script says instead).
+PLANTED = {
+    "batchnorm": ('set_bn_stats(model, "frozen")', "pass"),
+    "slow head": ('{"params": body, "lr": lr / lr_mult},  # Bug 2: the '
+                  "rates\n"
+                  '        {"params": head, "lr": lr},            # were '
+                  "swapped",
+                  '{"params": body, "lr": lr},\n'
+                  '        {"params": head, "lr": lr / lr_mult},'),
+    "train mode": ("model.model.eval()", "pass"),
+}
+
+
+def _fix_functions(code):
+    namespace = {}
+    exec(code, namespace)
+    return (namespace.get("fixed_train", namespace.get("train_script")),
+            namespace.get("fixed_predict", namespace.get("predict_script")))
+
+
+def _planted(*bugs):
+    code = FIX.solution_code
+    for bug in bugs:
+        fixed, buggy = PLANTED[bug]
+        assert fixed in code, bug
+        code = code.replace(fixed, buggy)
+    return _fix_functions(code)
+
+
+def _fix_check(functions):
+    """The check in two steps, with the evidence saved and loaded."""
+    images, labels = FIX.heldout(exercises.CHECK_SEED)
+    images = exercises.to_pil(images)
+    evidence = _roundtrip(FIX.collect(
+        dict(zip(FIX.args, functions)), images))
+    return FIX.grade(evidence, (images, labels))
+
+
+@pytest.fixture
+def smoke(monkeypatch):
+    monkeypatch.setenv("TLH_SMOKE", "1")
+
+
+def test_fix_the_script_accepts_the_reference_fix(smoke):
+    result = _fix_check(_fix_functions(FIX.solution_code))
+    assert result.passed, result
+    assert "held-out accuracy" in result.message
+
+
+def test_fix_the_script_names_the_bugs_of_the_script_as_shipped(smoke):
+    # the script trips the first check, the BatchNorm statistics
+    assert_incorrect(_fix_check(_fix_functions(FIX.script_code)),
+                     "BatchNorm statistics of frozen groups moved",
+                     "set_bn_stats")
+
+
+@pytest.mark.parametrize("bug, phrases", [
+    ("batchnorm", ("BatchNorm statistics of frozen groups moved",
+                   "stem")),
+    ("slow head", ("the new head moved less than", "highest rate")),
+    ("train mode", ("runs the network in training mode", "eval()")),
+])
+def test_fix_the_script_finds_each_planted_bug_alone(smoke, bug, phrases):
+    assert_incorrect(_fix_check(_planted(bug)), *phrases)
+
+
+def test_fix_the_script_measures_the_trained_model_not_the_claim(
+        smoke, monkeypatch):
+    # a fix that leaves the new head untrained reaches no target
+    def train_nothing(model, train_loader, epochs=4):
+        for p in model.model.parameters():
+            p.requires_grad = False
+
+    _, predict = _fix_functions(FIX.solution_code)
+    assert_incorrect(_fix_check((train_nothing, predict)),
+                     "the new head did not train")
+    # and the accuracy is measured outside, on the rebuilt weights
+    monkeypatch.setattr(FIX, "target", (1.01, 1.01))
+    assert_incorrect(_fix_check(_fix_functions(FIX.solution_code)),
+                     "the target is 101%")
+
+
+def test_fix_the_script_explains_answers_that_are_not_functions(smoke):
+    train, predict = _fix_functions(FIX.solution_code)
+    assert_incorrect(FIX.check(train, 3), "`fixed_predict` must be a "
+                     "function")
+
+    def one_class(model, images):
+        return [0]
+
+    assert_incorrect(_fix_check((train, one_class)),
+                     "returned 13 classes for 100 images")
+    assert FIX.check(..., predict).status == "not attempted"
+
+
+def test_notebook_03_shows_the_script_the_check_knows():
+    nb = json.loads((Path(__file__).parents[1] / "notebooks"
+                     / "03_fine_tuning.ipynb").read_text(encoding="utf-8"))
+    sources = ["".join(c["source"]) for c in nb["cells"]]
+    assert FIX.script_code.strip() in [s.strip() for s in sources]
 
 
 # ------------------------------------------------------ unfreeze_by_hand

@@ -33,36 +33,42 @@ GHOST = "tlh-fixture-ghost"
 # message must contain)
 EXPECTED = {
     "alice/03_fine_tuning.ipynb": (
-        {"freeze_backbone": "1", "discriminative_lrs": "1"}, "2", "2", "ok",
+        {"freeze_backbone": "1", "discriminative_lrs": "1",
+         "fix_the_script": "0"}, "2", "3", "ok",
         ["the answer to freeze_backbone is the reference solution, "
          "pasted verbatim"]),
     "bob/03_fine_tuning.ipynb": (
-        {"freeze_backbone": "1", "discriminative_lrs": "0"}, "1", "2", "ok",
+        {"freeze_backbone": "1", "discriminative_lrs": "0",
+         "fix_the_script": "0"}, "1", "3", "ok",
         ["discriminative_lrs: incorrect: every parameter has the same "
          "learning rate"]),
     "broken.ipynb": ({}, "0", "0", "invalid notebook",
                      ["not a notebook: invalid JSON"]),
     "carol/03_fine_tuning.ipynb": (
-        {"freeze_backbone": "1", "discriminative_lrs": "1"}, "2", "2",
+        {"freeze_backbone": "1", "discriminative_lrs": "1",
+         "fix_the_script": "0"}, "2", "3",
         "cell errors",
         ["cell 3 (accuracy = 1 / 0) raised ZeroDivisionError",
          "cell 7 (print(undefined_name)) raised NameError"]),
     # The endless loop spends the whole budget: the cells after it,
     # including the second answer, do not run.
     "dave/03_fine_tuning.ipynb": (
-        {"freeze_backbone": "1", "discriminative_lrs": "0"}, "1", "2",
+        {"freeze_backbone": "1", "discriminative_lrs": "0",
+         "fix_the_script": "0"}, "1", "3",
         "timeout",
         ["cell 6 (import time) ran past the time limit and was "
          "interrupted", "cell(s) did not run: the time limit (90 s for all "
          "cells) was spent", "discriminative_lrs: not attempted"]),
     "frank/03_fine_tuning.ipynb": (
-        {"freeze_backbone": "1", "discriminative_lrs": "1"}, "2", "2",
+        {"freeze_backbone": "1", "discriminative_lrs": "1",
+         "fix_the_script": "0"}, "2", "3",
         "memory limit",
         ["cell 3 (hog = bytearray(64 * 2**30)",
          f"ran out of memory ({MEMORY_MB} MB allowed)",
          "cell 4 (hogs = [bytearray"]),
     "grace/03_fine_tuning.ipynb": (
-        {"freeze_backbone": "1", "discriminative_lrs": "0"}, "1", "2",
+        {"freeze_backbone": "1", "discriminative_lrs": "0",
+         "fix_the_script": "0"}, "1", "3",
         "edited checks",
         ["the check cell of freeze_backbone was deleted",
          "the check cell of discriminative_lrs was edited",
@@ -70,10 +76,12 @@ EXPECTED = {
     "kim/05_choosing_a_strategy.ipynb": (
         {"pick_strategy": "1"}, "1", "1", "ok", []),
     "lee/03_fine_tuning.ipynb": (
-        {"freeze_backbone": "0", "discriminative_lrs": "0"}, "0", "2", "ok",
+        {"freeze_backbone": "0", "discriminative_lrs": "0",
+         "fix_the_script": "0"}, "0", "3", "ok",
         ["freeze_backbone: not attempted", "still the placeholder"]),
     "mallory/03_fine_tuning.ipynb": (
-        {"freeze_backbone": "0", "discriminative_lrs": "0"}, "0", "2", "ok",
+        {"freeze_backbone": "0", "discriminative_lrs": "0",
+         "fix_the_script": "0"}, "0", "3", "ok",
         ["freeze_backbone: incorrect: the new head is frozen",
          "discriminative_lrs: incorrect"]),
     "other_course.ipynb": ({}, "0", "0", "not this course",
@@ -88,7 +96,8 @@ EXPECTED = {
         {"pick_strategy": "0"}, "0", "1", "ok",
         ["pick_strategy: incorrect"]),
     "patcher/03_fine_tuning.ipynb": (
-        {"freeze_backbone": "0", "discriminative_lrs": "0"}, "0", "2", "ok",
+        {"freeze_backbone": "0", "discriminative_lrs": "0",
+         "fix_the_script": "0"}, "0", "3", "ok",
         ["freeze_backbone: incorrect: the new head is frozen",
          "discriminative_lrs: incorrect"]),
     "ivan/06_capstone.ipynb": (
@@ -147,7 +156,8 @@ EXPECTED = {
         {"pick_strategy": "1"}, "1", "1", "ok", []),
     "stray/03_fine_tuning.ipynb": (
         {"freeze_backbone": "1", "discriminative_lrs": "1",
-         "pick_strategy": "0"}, "2", "2", "ok",
+         "pick_strategy": "0", "fix_the_script": "0"}, "2", "3",
+        "ok",
         ["pick_strategy belongs in 05_choosing_a_strategy, not "
          "03_fine_tuning", "pick_strategy is also answered in "
          "stray/05_choosing_a_strategy.ipynb: counted once, there"]),
@@ -170,6 +180,17 @@ EXPECTED = {
         {"unfreeze_by_hand": "0"}, "0", "1", "ok",
         ["unfreeze_by_hand: incorrect: in epoch 1 stem, stage1, stage2, "
          "stage3 and 5 more train with the head"]),
+    # The planted bugs: fixed (trained and measured by the grader on
+    # its own held-out images), and the script handed in unchanged.
+    "rosa/03_fine_tuning.ipynb": (
+        {"freeze_backbone": "1", "discriminative_lrs": "1",
+         "fix_the_script": "1"}, "3", "3", "ok",
+        ["the answer to fix_the_script is the reference solution"]),
+    "sam/03_fine_tuning.ipynb": (
+        {"freeze_backbone": "1", "discriminative_lrs": "1",
+         "fix_the_script": "0"}, "2", "3", "ok",
+        ["fix_the_script: incorrect: the BatchNorm statistics of frozen "
+         "groups moved in training"]),
 }
 
 

@@ -1034,6 +1034,276 @@ class DiscriminativeLRs(Exercise):
                 "backbone group)")
 
 
+class FixTheScript(Exercise):
+    """Find and fix the three planted bugs of a fine-tuning script."""
+
+    name = "fix_the_script"
+    notebook = "03_fine_tuning"
+    title = "Fix a fine-tuning script"
+    # The script as the notebook shows it: it runs, and it has three bugs
+    # (one per pitfall of this notebook). Tests run it to see each one
+    # caught.
+    script_code = textwrap.dedent("""\
+        import torch
+
+        from tlhelpers.models import get_head, layer_groups
+        from tlhelpers.training import fit
+
+
+        def train_script(model, train_loader, epochs=4, lr=1e-3,
+                         frozen_groups=6, lr_mult=10):
+            \"\"\"Freeze the first groups; train the rest, the head fastest.\"\"\"
+            groups = layer_groups(model)
+            for name in list(groups)[:frozen_groups]:
+                for module in groups[name]:
+                    for p in module.parameters():
+                        p.requires_grad = False
+            head = list(get_head(model).parameters())
+            in_head = {id(p) for p in head}
+            body = [p for p in model.model.parameters()
+                    if p.requires_grad and id(p) not in in_head]
+            optimizer = torch.optim.AdamW([
+                {"params": body, "lr": lr},
+                {"params": head, "lr": lr / lr_mult},
+            ])
+            fit(model, train_loader, None, optimizer, epochs)
+
+
+        def predict_script(model, images):
+            \"\"\"Return the predicted class of each image in a batch.\"\"\"
+            with torch.no_grad():
+                return model.model(images).argmax(dim=1)
+        """)
+    statement = (
+        "`train_script` and `predict_script` above fine-tune a pretrained "
+        "network on a handful of images and predict with it. They run "
+        "without an error, and they have three bugs, one for each pitfall "
+        "of this notebook. Write `fixed_train` and `fixed_predict`, the "
+        "same two functions with the bugs fixed (same arguments: "
+        "`fixed_train(model, train_loader, epochs)` trains `model` in "
+        "place; `fixed_predict(model, images)` returns a class per "
+        "image). The check runs your functions on a fresh ImageNet model "
+        "and the notebook's training images, then measures the trained "
+        "model on held-out images.")
+    minutes = 8            # reading the script counts as code lines
+    answers = ("fixed_train", "fixed_predict")
+    args = ("fixed_train", "fixed_predict")
+    needs = ()
+    placeholder = textwrap.dedent("""\
+        # Copy train_script and predict_script here, fix their three bugs.
+        fixed_train = ...    # YOUR CODE: def fixed_train(model, ...): ...
+        fixed_predict = ...  # YOUR CODE: def fixed_predict(model, ...): ...
+        """)
+    hints = (
+        "Look for the three pitfalls of this notebook: BatchNorm "
+        "statistics that move in layers you meant to freeze, a new head "
+        "that learns slower than the pretrained layers, and predictions "
+        "made in training mode.",
+        "set_bn_stats(model, 'frozen') (tlhelpers.models) keeps the "
+        "running statistics fixed even in net.train(); the parameter "
+        "groups of torch.optim.AdamW each carry their own 'lr'; "
+        "net.eval() switches BatchNorm and Dropout to inference.",
+        "In fixed_train: after the requires_grad loop, call "
+        "set_bn_stats(model, 'frozen'); give `body` the rate lr / lr_mult "
+        "and `head` the rate lr (fit calls model.train() every epoch). In fixed_predict: call model.model.eval() "
+        "before the forward pass.")
+    solution_code = textwrap.dedent("""\
+        import torch
+
+        from tlhelpers.models import get_head, layer_groups, set_bn_stats
+        from tlhelpers.training import fit
+
+
+        def fixed_train(model, train_loader, epochs=4, lr=1e-3,
+                        frozen_groups=6, lr_mult=10):
+            groups = layer_groups(model)
+            for name in list(groups)[:frozen_groups]:
+                for module in groups[name]:
+                    for p in module.parameters():
+                        p.requires_grad = False
+            # Bug 1: requires_grad stops gradients, not BatchNorm's
+            # running statistics; keep them fixed, even in train mode.
+            set_bn_stats(model, "frozen")
+            head = list(get_head(model).parameters())
+            in_head = {id(p) for p in head}
+            body = [p for p in model.model.parameters()
+                    if p.requires_grad and id(p) not in in_head]
+            optimizer = torch.optim.AdamW([
+                {"params": body, "lr": lr / lr_mult},  # Bug 2: the rates
+                {"params": head, "lr": lr},            # were swapped
+            ])
+            fit(model, train_loader, None, optimizer, epochs)
+
+
+        def fixed_predict(model, images):
+            model.model.eval()  # Bug 3: BatchNorm and Dropout at inference
+            with torch.no_grad():
+                return model.model(images).argmax(dim=1)
+        """)
+    backbone = "efficientnet_lite0"
+    # The notebook's task: ten shapes drawn like photos.
+    task_spec = MappingProxyType({"kind": "shapes", "classes": 10,
+                                  "domain": "photo",
+                                  "image_size": (96, 64)})
+    train_per_class = (10, 5)      # the notebook's labelled images
+    epochs = (6, 3)
+    target = (0.8, 0.6)
+    # The seed of the new head the check gives the model before training,
+    # so that the grader can rebuild the head's starting weights.
+    head_seed = 7
+    predict_batch = 8
+    # fixed_predict must agree with the model's own inference-mode
+    # predictions on this share of the held-out images.
+    agreement = 0.95
+
+    def fresh_model(self):
+        """Return the model the check trains: ImageNet weights, a new
+        10-class head drawn from head_seed."""
+        import torch
+
+        from tlhelpers import models
+
+        task = self.task()
+        model = models.load_pretrained(self.backbone,
+                                       image_size=task["image_size"])
+        with torch.random.fork_rng():
+            torch.manual_seed(self.head_seed)
+            models.replace_head(model, task["classes"])
+        return model
+
+    def _collect(self, fixed_train, fixed_predict, images):
+        import torch
+
+        from tlhelpers import data
+
+        for var, value in (("fixed_train", fixed_train),
+                           ("fixed_predict", fixed_predict)):
+            if not callable(value):
+                raise _Incorrect(f"`{var}` must be a function (def "
+                                 f"{var}(model, ...)), got "
+                                 f"{type(value).__name__}")
+        model = self.fresh_model()
+        train = data.synthetic_images(
+            **self.task(), n_per_class=config.by_mode(*self.train_per_class),
+            seed=0, transform=model.train_transform)
+        (loader,) = data.make_loaders(train, batch_size=16, seed=0)
+        with torch.random.fork_rng():
+            torch.manual_seed(CHECK_SEED)
+            fixed_train(model, loader, epochs=config.by_mode(*self.epochs))
+        net = model.model
+        state = {k: v.detach().cpu().clone()
+                 for k, v in net.state_dict().items()}
+        trainable = [n for n, p in net.named_parameters()
+                     if p.requires_grad]
+        batch = torch.stack([model.transform(im) for im in images])
+        predictions, modes = [], set()
+        # the network's mode at each forward pass of fixed_predict
+        hook = net.register_forward_pre_hook(
+            lambda module, args: modes.add(bool(module.training)))
+        try:
+            for start in range(0, len(batch), self.predict_batch):
+                out = fixed_predict(model, batch[start:start
+                                                 + self.predict_batch])
+                out = torch.as_tensor(out).reshape(-1)
+                predictions += [int(v) for v in out.tolist()]
+        finally:
+            hook.remove()
+        return {"model": self.backbone, "state": state,
+                "trainable": trainable, "predictions": predictions,
+                "predicted_in_training_mode": True in modes}
+
+    def _judge(self, evidence, heldout):
+        import torch
+
+        from tlhelpers import models
+
+        images, labels = heldout
+        predictions = evidence["predictions"]
+        if len(predictions) != len(labels):
+            raise _Incorrect(
+                f"fixed_predict returned {len(predictions)} classes for "
+                f"{len(labels)} images: return one class per image")
+        task = self.task()
+        model = models.load_pretrained(
+            evidence["model"], num_classes=task["classes"], weights=None,
+            image_size=task["image_size"])
+        try:
+            model.model.load_state_dict(evidence["state"], strict=True)
+        except (RuntimeError, KeyError, TypeError) as err:
+            raise _Incorrect(
+                "fixed_train changed the network's layers: train the "
+                f"model it is given ({str(err).splitlines()[0]})")
+        start = self.fresh_model().model.state_dict()
+        owner, groups = _group_of_param(evidence["model"])
+        trains = set(evidence["trainable"])
+        frozen = [g for g in groups if not any(
+            owner.get(n) == g for n in trains)]
+        drift = []
+        for key, value in evidence["state"].items():
+            layer, _, what = key.rpartition(".")
+            if what == "running_mean" and owner.get(
+                    f"{layer}.weight") in frozen and not torch.equal(
+                    value, start[key]):
+                drift.append(owner[f"{layer}.weight"])
+        if drift:
+            where = sorted(set(drift), key=groups.index)
+            raise _Incorrect(
+                f"the BatchNorm statistics of frozen groups moved in "
+                f"training ({_listing(where)}): requires_grad = False "
+                "stops gradients, not BatchNorm's running mean and "
+                "variance, which follow every batch in train mode. Keep "
+                "them fixed (set_bn_stats(model, 'frozen'), step 2)")
+        moved = {}
+        for pname, p in evidence["state"].items():
+            if pname in trains:
+                moved.setdefault(owner[pname], []).append(
+                    (p.float() - start[pname].float()).abs().mean().item())
+        moved = {g: sum(v) / len(v) for g, v in moved.items()}
+        head = groups[-1]
+        if not moved.get(head):
+            raise _Incorrect("the new head did not train: keep its "
+                             "parameters trainable and in the optimizer")
+        faster = [g for g in moved if g != head and moved[g] >= moved[head]]
+        if faster:
+            raise _Incorrect(
+                f"the new head moved less than {_listing(faster)} (mean "
+                f"change per weight {moved[head]:.1e} against "
+                f"{max(moved[g] for g in faster):.1e}): it learns slower "
+                "than the pretrained layers. The random head needs the "
+                "highest rate, the pretrained body lower ones (step 3)")
+        batch = torch.stack([model.transform(im) for im in images])
+        with models.eval_mode(model.model), torch.no_grad():
+            own = model.model(batch).argmax(dim=1)
+        same = sum(int(a) == int(b) for a, b in zip(own, predictions))
+        if evidence.get("predicted_in_training_mode"):
+            changed = len(labels) - same
+            here = (f" (here {changed} of {len(labels)} held-out "
+                    "predictions changed)" if changed else
+                    " (this time no prediction changed: that was luck)")
+            raise _Incorrect(
+                "fixed_predict runs the network in training mode: "
+                "Dropout drops units at random, and BatchNorm layers "
+                "whose statistics are not frozen normalise with each "
+                "batch's own statistics, so a prediction depends on luck "
+                f"and on the other images in its batch{here}. Switch the "
+                "network to eval() first (step 2)")
+        if same < self.agreement * len(labels):
+            raise _Incorrect(
+                f"fixed_predict disagrees with the trained model in "
+                f"inference mode on {len(labels) - same} of {len(labels)} "
+                "held-out images: return model.model(images).argmax(1), "
+                "computed in eval() mode")
+        accuracy = (own == labels).float().mean().item()
+        target = self._target()
+        if accuracy < target:
+            raise _Incorrect(
+                f"the trained model classifies {accuracy:.1%} of the "
+                f"held-out images correctly; the target is {target:.0%}")
+        return (f"held-out accuracy {accuracy:.1%} (target {target:.0%}); "
+                "frozen statistics stayed fixed, the head learned fastest, "
+                "and predictions ran in inference mode")
+
+
 def _group_names(pretrained):
     """Return the layer groups of a model, stem first, head last."""
     from tlhelpers import models
@@ -1963,13 +2233,14 @@ unfreeze_by_hand = UnfreezeByHand()
 pick_layer = PickLayer()
 pick_strategy = PickStrategy()
 capstone = Capstone()
+fix_the_script = FixTheScript()
 text_classifier = TextClassifier()
 
 # In course order; read-only so nothing can swap an exercise at run time.
 EXERCISES = MappingProxyType({e.name: e for e in (
     load_with_preprocessing, train_probe, pick_layer, freeze_backbone,
-    discriminative_lrs, unfreeze_by_hand, pick_strategy, capstone,
-    text_classifier)})
+    discriminative_lrs, fix_the_script, unfreeze_by_hand, pick_strategy,
+    capstone, text_classifier)})
 
 
 def get(name):
