@@ -5,6 +5,7 @@ placeholder as not attempted; strict mode raises; notebooks get filled."""
 import copy
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch

@@ -298,7 +298,8 @@ def test_cheating_raises_no_score(graded):
     by_file = {r.file: r for r in book.rows}
     mallory = by_file["mallory/03_fine_tuning.ipynb"]
     assert mallory.total == 0
-    assert {r.status for r in mallory.results.values()} == {"incorrect"}
+    assert {mallory.results[name].status for name in (
+        "freeze_backbone", "discriminative_lrs")} == {"incorrect"}
     grace = by_file["grace/03_fine_tuning.ipynb"]
     assert grace.results["discriminative_lrs"].points == 0
     source = (FIXTURES / "mallory" / "03_fine_tuning.ipynb").read_text()
@@ -332,7 +333,7 @@ def test_feedback_file_per_learner_explains_each_exercise(graded):
     assert sorted(p.name for p in folder.glob("*.md")) == sorted(
         names.values())
     bob = (folder / names["bob"]).read_text()
-    assert "## bob/03_fine_tuning.ipynb: 1 of 2 points" in bob
+    assert "## bob/03_fine_tuning.ipynb: 1 of 3 points" in bob
     assert "### discriminative_lrs: incorrect (0/1)" in bob
     assert "Hint: " in bob
     carol = (folder / names["carol"]).read_text()
@@ -529,15 +530,15 @@ def test_a_kernelspec_that_is_not_an_object_is_ignored_with_a_note():
 
 def test_a_notebook_expects_every_exercise_of_its_course_notebook():
     nb = _fixture("grace/03_fine_tuning.ipynb")
-    assert grading._expected_exercises(nb) == ["freeze_backbone",
-                                               "discriminative_lrs"]
+    assert grading._expected_exercises(nb) == [
+        "freeze_backbone", "discriminative_lrs", "fix_the_script"]
     assert grading._expected_exercises(_fixture("other_course.ipynb")) == []
     # Tags stripped by an editor: the check calls still identify it.
     nb = _fixture("alice/03_fine_tuning.ipynb")
     for cell in nb.cells:
         cell.metadata.pop("tags", None)
-    assert grading._expected_exercises(nb) == ["freeze_backbone",
-                                               "discriminative_lrs"]
+    assert grading._expected_exercises(nb) == [
+        "freeze_backbone", "discriminative_lrs", "fix_the_script"]
 
 
 def test_deleted_and_edited_check_cells_are_noted():
@@ -558,7 +559,7 @@ def test_pasted_solutions_and_exercises_out_of_place_are_remarked():
     nb = _fixture("stray/03_fine_tuning.ipynb")
     expected = grading._expected_exercises(nb)
     assert expected == ["freeze_backbone", "discriminative_lrs",
-                        "pick_strategy"]
+                        "fix_the_script", "pick_strategy"]
     assert grading._remarks(nb, expected, "03_fine_tuning") == [
         "the answer to freeze_backbone is the reference solution, pasted "
         "verbatim",
@@ -578,7 +579,7 @@ def test_recording_cells_follow_each_exercise_and_end_the_notebook(
     added = [i for i, c in enumerate(nb.cells)
              if c.metadata.get("tlhelpers_grader")]
     assert len(nb.cells) == before + 3
-    assert added == [5, 8, 9]
+    assert added == [5, 8, 11]   # fix_the_script's cells: 9 and 10
     assert "check:freeze_backbone" in nb.cells[4].metadata["tags"]
     assert str(Path(grading.__file__).resolve()) in nb.cells[5].source
     assert "['freeze_backbone']" in nb.cells[5].source
@@ -586,7 +587,7 @@ def test_recording_cells_follow_each_exercise_and_end_the_notebook(
               for i in added]
     assert len(set(tokens)) == 3 and all(len(t) == 32 for t in tokens)
     assert tokens[0] in nb.cells[5].source
-    assert nb.cells[9].metadata["tlhelpers_grader"]["suffix"] == ".final"
+    assert nb.cells[11].metadata["tlhelpers_grader"]["suffix"] == ".final"
     assert all(c.outputs == [] for c in nb.cells if c.cell_type == "code")
 
 

@@ -1197,17 +1197,15 @@ class FixTheScript(Exercise):
                      if p.requires_grad]
         batch = torch.stack([model.transform(im) for im in images])
         predictions, modes = [], set()
-        # the network's mode at each forward pass of fixed_predict
-        hook = net.register_forward_pre_hook(
-            lambda module, args: modes.add(bool(module.training)))
-        try:
-            for start in range(0, len(batch), self.predict_batch):
-                out = fixed_predict(model, batch[start:start
-                                                 + self.predict_batch])
-                out = torch.as_tensor(out).reshape(-1)
-                predictions += [int(v) for v in out.tolist()]
-        finally:
-            hook.remove()
+        # the network's mode after each call, from training mode (where
+        # fixed_train left it): fixed_predict must switch to eval()
+        for start in range(0, len(batch), self.predict_batch):
+            net.train()
+            out = fixed_predict(model, batch[start:start
+                                             + self.predict_batch])
+            modes.add(bool(net.training))
+            out = torch.as_tensor(out).reshape(-1)
+            predictions += [int(v) for v in out.tolist()]
         return {"model": self.backbone, "state": state,
                 "trainable": trainable, "predictions": predictions,
                 "predicted_in_training_mode": True in modes}
