@@ -1105,8 +1105,9 @@ class FixTheScript(Exercise):
         "net.eval() switches BatchNorm and Dropout to inference.",
         "In fixed_train: after the requires_grad loop, call "
         "set_bn_stats(model, 'frozen'); give `body` the rate lr / lr_mult "
-        "and `head` the rate lr (fit calls model.train() every epoch). In fixed_predict: call model.model.eval() "
-        "before the forward pass.")
+        "and `head` the rate lr (fit calls model.train() every epoch). "
+        "In fixed_predict: call model.model.eval() before the forward "
+        "pass.")
     solution_code = textwrap.dedent("""\
         import torch
 
