@@ -9,7 +9,7 @@ measurement runs in a fresh process (the settings are read at start-up);
 the arms alternate and the medians of --runs rounds are printed, with
 their ratio, side by side:
 
-    python benchmarks/bench_allocator.py [--runs 5] [--threads 2] [--mode train]
+  python benchmarks/bench_allocator.py [--runs 5] [--threads 2] [--mode train]
 
 Decision rule (issue 20): switch the tuning on only if it speeds up both
 inference and training with at most 10 % more peak memory.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tlhelpers import exercises, models, training
+from tlhelpers import exercises, models
 from tlhelpers.exercises import EXERCISES, Result
 
 COURSE_NOTEBOOKS = ("01_pretrained_models", "02_feature_extraction",
@@ -451,11 +451,6 @@ def _fix_check(functions):
     return FIX.grade(evidence, (images, labels))
 
 
-@pytest.fixture
-def smoke(monkeypatch):
-    monkeypatch.setenv("TLH_SMOKE", "1")
-
-
 def test_fix_the_script_accepts_the_reference_fix(smoke):
     result = _fix_check(_fix_functions(FIX.solution_code))
     assert result.passed, result
@@ -506,6 +501,30 @@ def test_fix_the_script_explains_answers_that_are_not_functions(smoke):
     assert_incorrect(_fix_check((train, one_class)),
                      "returned 13 classes for 100 images")
     assert FIX.check(..., predict).status == "not attempted"
+
+
+def test_weights_that_do_not_fit_are_the_answer_at_fault():
+    """fix_the_script and capstone rebuild the learner's model from its
+    weights; weights of another architecture get each check's message."""
+    net = models.load_pretrained("efficientnet_lite0", num_classes=5,
+                                 weights=None, image_size=64).model
+    state = exercises._weights(net)
+    assert all(not v.requires_grad for v in state.values())
+    state["conv_stem.weight"].zero_()
+    assert net.conv_stem.weight.abs().sum() > 0   # a copy, not the net's
+    rebuilt = exercises._rebuilt("efficientnet_lite0", 5, 64, state, "no")
+    assert torch.equal(rebuilt.model.conv_stem.weight,
+                       state["conv_stem.weight"])
+    del state["classifier.bias"]
+    with pytest.raises(exercises._Incorrect,
+                       match=r"^changed the layers \(.*classifier\.bias"):
+        exercises._rebuilt("efficientnet_lite0", 5, 64, state,
+                           "changed the layers")
+    evidence = {"model": "efficientnet_lite0", "image_size": 64,
+                "state": state}
+    with pytest.raises(exercises._Incorrect, match="final_model's weights "
+                       "do not fit a efficientnet_lite0 with a 5-class"):
+        exercises.capstone._rebuild(evidence, 5)
 
 
 def test_notebook_03_shows_the_script_the_check_knows():

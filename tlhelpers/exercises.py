@@ -390,6 +390,36 @@ def _skeleton(name):
     return models.load_pretrained(name, weights=None)
 
 
+def _weights(net):
+    """Return a copy of a network's weights on the CPU (check evidence)."""
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+def _rebuilt(name, classes, image_size, state, mismatch):
+    """Return a `name` model with a `classes`-class head and `state` loaded.
+
+    Weights that do not fit are the learner's answer at fault: they read
+    `mismatch`, then torch's reason (its first missing, unexpected or
+    mismatched weight).
+    """
+    from tlhelpers import models
+
+    model = models.load_pretrained(name, num_classes=classes, weights=None,
+                                   image_size=image_size)
+    try:
+        model.model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, TypeError) as err:
+        lines = [line.strip() for line in str(err).splitlines()
+                 if line.strip()] or [type(err).__name__]
+        # torch's first line only names the model; the reason follows
+        reason = lines[1] if (len(lines) > 1 and lines[0].startswith(
+            "Error(s) in loading")) else lines[0]
+        if len(reason) > 160:
+            reason = reason[:157] + "..."
+        raise _Incorrect(f"{mismatch} ({reason})")
+    return model
+
+
 def _group_of_param(name):
     """Return ({parameter name: layer group}, [group names]) of a model."""
     from tlhelpers import models
@@ -838,9 +868,6 @@ class TrainProbe(Exercise):
     target = (0.8, 0.7)
 
     def _collect(self, probe, pretrained, images):
-        import torch
-        from torch import nn
-
         from tlhelpers import models
 
         _pretrained_parts(pretrained, "pretrained")
@@ -1192,8 +1219,7 @@ class FixTheScript(Exercise):
             torch.manual_seed(CHECK_SEED)
             fixed_train(model, loader, epochs=config.by_mode(*self.epochs))
         net = model.model
-        state = {k: v.detach().cpu().clone()
-                 for k, v in net.state_dict().items()}
+        state = _weights(net)
         trainable = [n for n, p in net.named_parameters()
                      if p.requires_grad]
         batch = torch.stack([model.transform(im) for im in images])
@@ -1223,15 +1249,10 @@ class FixTheScript(Exercise):
                 f"fixed_predict returned {len(predictions)} classes for "
                 f"{len(labels)} images: return one class per image")
         task = self.task()
-        model = models.load_pretrained(
-            evidence["model"], num_classes=task["classes"], weights=None,
-            image_size=task["image_size"])
-        try:
-            model.model.load_state_dict(evidence["state"], strict=True)
-        except (RuntimeError, KeyError, TypeError) as err:
-            raise _Incorrect(
-                "fixed_train changed the network's layers: train the "
-                f"model it is given ({str(err).splitlines()[0]})")
+        model = _rebuilt(evidence["model"], task["classes"],
+                         task["image_size"], evidence["state"],
+                         "fixed_train changed the network's layers: train "
+                         "the model it is given")
         start = self.fresh_model().model.state_dict()
         owner, groups = _group_of_param(evidence["model"])
         trains = set(evidence["trainable"])
@@ -1986,24 +2007,16 @@ class Capstone(Exercise):
         return {"model": name,
                 "outputs": int(models.get_head(net).out_features),
                 "image_size": int(size),
-                "state": {k: v.detach().cpu().clone()
-                          for k, v in net.state_dict().items()}}
+                "state": _weights(net)}
 
     def _rebuild(self, evidence, classes):
         """Return the learner's model, rebuilt from its weights."""
-        from tlhelpers import models
-
-        model = models.load_pretrained(
-            evidence["model"], num_classes=classes, weights=None,
-            image_size=evidence["image_size"])
-        try:
-            model.model.load_state_dict(evidence["state"], strict=True)
-        except (RuntimeError, KeyError, TypeError) as err:
-            raise _Incorrect(
-                f"final_model's weights do not fit a {evidence['model']} "
-                f"with a {classes}-class head: keep the architecture "
-                f"load_pretrained gives ({str(err).splitlines()[0]})")
-        return model
+        return _rebuilt(
+            evidence["model"], classes, evidence["image_size"],
+            evidence["state"],
+            f"final_model's weights do not fit a {evidence['model']} with "
+            f"a {classes}-class head: keep the architecture load_pretrained "
+            "gives")
 
     def _judge(self, evidence, heldout):
         import torch
