@@ -244,9 +244,10 @@ def reason(result):
 
 
 def timed_out(result):
-    """Whether a notebook failed because it reached its time limit."""
+    """Whether a notebook failed because it reached its time limit (the
+    error kernels.cell_error names "Timeout")."""
     return (result.status == "failed" and result.error is not None
-            and "longer than the time limit" in str(result.error))
+            and result.error.ename == "Timeout")
 
 
 if __name__ == "__main__":
